@@ -1,0 +1,130 @@
+//! State shared by every connection task: the policy in force, the audit
+//! log, the kernel's connection records, counters and live sessions.
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
+};
+
+use serde::Serialize;
+
+use crate::{
+    audit::Audit,
+    ids::{OrigDst, SessionId},
+    intercept::{cgroup::CgroupResolver, probes::ConnTable},
+    policy::Policy,
+};
+
+/// Settings fixed for the life of the process.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen_port: u16,
+    /// `SO_MARK` on every upstream socket the enforcer opens.
+    pub mark: u32,
+}
+
+pub struct Enforcer {
+    policy: RwLock<Arc<Policy>>,
+    pub audit: Audit,
+    pub cgroups: CgroupResolver,
+    pub conns: ConnTable,
+    pub settings: Settings,
+    pub stats: Stats,
+    live: Mutex<BTreeMap<SessionId, LiveSession>>,
+}
+
+impl Enforcer {
+    pub fn new(
+        policy: Policy,
+        audit: Audit,
+        cgroups: CgroupResolver,
+        conns: ConnTable,
+        settings: Settings,
+    ) -> Enforcer {
+        Enforcer {
+            policy: RwLock::new(Arc::new(policy)),
+            audit,
+            cgroups,
+            conns,
+            settings,
+            stats: Stats::default(),
+            live: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The policy in force now. Each decision reads it afresh, so a reload
+    /// applies to the next request of an already open session too.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.read().expect("policy lock").clone()
+    }
+
+    pub fn set_policy(&self, p: Policy) {
+        *self.policy.write().expect("policy lock") = Arc::new(p);
+    }
+
+    pub fn session_opened(&self, s: LiveSession) {
+        self.live.lock().expect("live lock").insert(s.session, s);
+    }
+
+    pub fn session_closed(&self, id: SessionId) {
+        self.live.lock().expect("live lock").remove(&id);
+    }
+
+    pub fn live_sessions(&self) -> Vec<LiveSession> {
+        self.live.lock().expect("live lock").values().cloned().collect()
+    }
+}
+
+/// A session in progress, for `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveSession {
+    pub session: SessionId,
+    pub target: String,
+    pub protocol: String,
+    pub orig_dst: OrigDst,
+    pub role: Option<String>,
+    pub tgid: u32,
+    pub comm: String,
+    pub unit: Option<String>,
+    pub since_ms: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub accepted: AtomicU64,
+    pub unattributed: AtomicU64,
+    pub allowed: AtomicU64,
+    pub denied: AtomicU64,
+    pub kernel_refusals: AtomicU64,
+    pub upstream_failures: AtomicU64,
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
+}
+
+impl Stats {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        BTreeMap::from([
+            ("accepted", l(&self.accepted)),
+            ("unattributed", l(&self.unattributed)),
+            ("allowed", l(&self.allowed)),
+            ("denied", l(&self.denied)),
+            ("kernel_refusals", l(&self.kernel_refusals)),
+            ("upstream_failures", l(&self.upstream_failures)),
+            ("bytes_up", l(&self.bytes_up)),
+            ("bytes_down", l(&self.bytes_down)),
+            ("reloads", l(&self.reloads)),
+            ("reload_failures", l(&self.reload_failures)),
+        ])
+    }
+}

@@ -1,0 +1,189 @@
+//! The cgroup v2 tree: where it is mounted, ids to paths, paths to units.
+use std::{
+    collections::HashMap,
+    fs, io,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+/// The cgroup2 mount point, read from /proc/self/mountinfo (it is
+/// `/sys/fs/cgroup` on unified hosts and `/sys/fs/cgroup/unified` on hybrid
+/// ones; never assume either).
+pub fn cgroup2_mount() -> io::Result<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    find_cgroup2_in_mountinfo(&info)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 filesystem is mounted"))
+}
+
+fn find_cgroup2_in_mountinfo(info: &str) -> Option<PathBuf> {
+    for line in info.lines() {
+        // fields before " - " are per-mount; after it: fstype source options
+        let (pre, post) = line.split_once(" - ")?;
+        if post.split_whitespace().next() == Some("cgroup2") {
+            let mount_point = pre.split_whitespace().nth(4)?;
+            return Some(PathBuf::from(unescape_mount(mount_point)));
+        }
+    }
+    None
+}
+
+fn unescape_mount(s: &str) -> String {
+    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+}
+
+/// The id of a cgroup v2 directory: its inode number, which is what
+/// `bpf_get_current_cgroup_id()` returns.
+pub fn cgroup_id(dir: &Path) -> io::Result<u64> {
+    Ok(fs::metadata(dir)?.ino())
+}
+
+/// Resolves cgroup ids to paths (relative to the mount), caching results.
+/// Cgroup ids are never reused while the system runs, so entries stay true.
+pub struct CgroupResolver {
+    mount: PathBuf,
+    cache: Mutex<HashMap<u64, String>>,
+}
+
+impl CgroupResolver {
+    pub fn new(mount: PathBuf) -> Self {
+        CgroupResolver { mount, cache: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn mount(&self) -> &Path {
+        &self.mount
+    }
+
+    /// Path relative to the mount (`""` for the root), or None if no such
+    /// cgroup exists any more.
+    pub fn path_of(&self, id: u64) -> Option<String> {
+        if let Some(p) = self.cache.lock().expect("cgroup cache").get(&id) {
+            return Some(p.clone());
+        }
+        let found = find_by_inode(&self.mount, id)?;
+        self.cache.lock().expect("cgroup cache").insert(id, found.clone());
+        Some(found)
+    }
+
+    /// Records a known (id, path) pair, e.g. for a scope just created.
+    pub fn remember(&self, id: u64, rel: &str) {
+        self.cache.lock().expect("cgroup cache").insert(id, rel.to_string());
+    }
+}
+
+/// Walks the tree for the directory with inode `id`. Breadth-first, since
+/// guarded cgroups are usually shallow.
+fn find_by_inode(mount: &Path, id: u64) -> Option<String> {
+    let mut queue = std::collections::VecDeque::from([mount.to_path_buf()]);
+    while let Some(dir) = queue.pop_front() {
+        if let Ok(meta) = fs::metadata(&dir) {
+            if meta.ino() == id {
+                let rel = dir.strip_prefix(mount).ok()?.to_string_lossy().into_owned();
+                return Some(rel);
+            }
+        }
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                queue.push_back(e.path());
+            }
+        }
+    }
+    None
+}
+
+/// The systemd unit a cgroup path belongs to: the innermost path component
+/// that names a unit other than a slice (`x.service`, `x.scope`), e.g.
+/// `system.slice/runner.service/job` → `runner.service`.
+pub fn unit_of(rel: &str) -> Option<String> {
+    rel.split('/')
+        .rev()
+        .find(|c| {
+            [".service", ".scope", ".socket", ".mount", ".swap"].iter().any(|s| c.len() > s.len() && c.ends_with(s))
+        })
+        .map(str::to_string)
+}
+
+/// The cgroup of a systemd unit, relative to the mount. Asks systemd when it
+/// runs (`ControlGroup` property); otherwise looks for a directory of that
+/// name in the tree (a unit's cgroup is `<slices>/<unit>`).
+pub fn unit_cgroup(mount: &Path, unit: &str) -> Option<String> {
+    if let Ok(out) = std::process::Command::new("systemctl")
+        .args(["show", "--property=ControlGroup", "--value", unit])
+        .stderr(std::process::Stdio::null())
+        .output()
+    {
+        let cg = String::from_utf8_lossy(&out.stdout).trim().trim_start_matches('/').to_string();
+        if out.status.success() && !cg.is_empty() && mount.join(&cg).is_dir() {
+            return Some(cg);
+        }
+    }
+    find_unit_dir(mount, unit)
+}
+
+fn find_unit_dir(mount: &Path, unit: &str) -> Option<String> {
+    let mut queue = std::collections::VecDeque::from([mount.to_path_buf()]);
+    while let Some(dir) = queue.pop_front() {
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let path = e.path();
+            if e.file_name() == unit {
+                return Some(path.strip_prefix(mount).ok()?.to_string_lossy().into_owned());
+            }
+            queue.push_back(path);
+        }
+    }
+    None
+}
+
+/// Moves a process into a cgroup.
+pub fn enter(dir: &Path, pid: u32) -> io::Result<()> {
+    fs::write(dir.join("cgroup.procs"), pid.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_and_unified_layouts() {
+        let hybrid = "30 25 0:26 / /sys/fs/cgroup/systemd rw,nosuid - cgroup cgroup rw,name=systemd\n\
+                      31 25 0:27 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n";
+        assert_eq!(find_cgroup2_in_mountinfo(hybrid).unwrap(), PathBuf::from("/sys/fs/cgroup/unified"));
+        let unified = "29 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(find_cgroup2_in_mountinfo(unified).unwrap(), PathBuf::from("/sys/fs/cgroup"));
+        assert!(find_cgroup2_in_mountinfo("1 2 0:1 / / rw - ext4 /dev/vda rw\n").is_none());
+    }
+
+    #[test]
+    fn units_from_cgroup_paths() {
+        assert_eq!(unit_of("system.slice/runner.service").as_deref(), Some("runner.service"));
+        assert_eq!(unit_of("system.slice/runner.service/job-1").as_deref(), Some("runner.service"));
+        assert_eq!(
+            unit_of("user.slice/user-1000.slice/user@1000.service/app.slice/run-r1.scope").as_deref(),
+            Some("run-r1.scope")
+        );
+        assert_eq!(unit_of("portcullis.slice/ci"), None);
+        assert_eq!(unit_of(""), None);
+    }
+
+    #[test]
+    fn unit_resolution_against_a_fake_tree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        fs::create_dir_all(root.join("system.slice/actions-runner.service")).unwrap();
+        fs::create_dir_all(root.join("system.slice/other.service")).unwrap();
+        assert_eq!(
+            find_unit_dir(root, "actions-runner.service").as_deref(),
+            Some("system.slice/actions-runner.service")
+        );
+        assert_eq!(find_unit_dir(root, "missing.service"), None);
+        let r = CgroupResolver::new(root.to_path_buf());
+        let id = cgroup_id(&root.join("system.slice/other.service")).unwrap();
+        assert_eq!(r.path_of(id).as_deref(), Some("system.slice/other.service"));
+        assert_eq!(r.path_of(u64::MAX), None);
+    }
+}

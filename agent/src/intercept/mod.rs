@@ -1,0 +1,167 @@
+//! The enforcer's side of the kernel path: accept redirected connections,
+//! find the kernel's record of who made each one, and hand it on. A
+//! connection without a record did not come through the kernel path: it is
+//! closed and recorded (fail closed).
+pub mod attribution;
+pub mod cgroup;
+pub mod events;
+pub mod probes;
+pub mod sys;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{info, warn};
+
+use crate::{
+    audit::{DecisionInfo, Event, RequestInfo},
+    enforcer::{Enforcer, LiveSession, Stats},
+    ids::SessionId,
+    policy::{decide_classes, decide_session, role_for, Decision, Protocol, Subject, Verdict},
+    protocols::{self, Session},
+};
+
+/// Accepts connections until the listener fails.
+pub async fn serve(listener: TcpListener, enforcer: Arc<Enforcer>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let enforcer = enforcer.clone();
+                tokio::spawn(async move { handle(enforcer, stream, peer).await });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(enforcer: Arc<Enforcer>, stream: TcpStream, peer: SocketAddr) {
+    Stats::inc(&enforcer.stats.accepted);
+    let key = attribution::client_key(peer);
+    let record = match enforcer.conns.take(&key) {
+        Ok(Some(r)) => r,
+        other => {
+            let reason = match other {
+                Err(e) => format!("reading the kernel record failed: {e}"),
+                _ => "no kernel record: the connection did not come through a guarded scope".into(),
+            };
+            Stats::inc(&enforcer.stats.unattributed);
+            warn!(peer = %peer, reason = %reason, "unattributed connection closed");
+            enforcer.audit.record(Event::Unattributed { peer: peer.to_string(), reason });
+            // Reset rather than close politely: the peer gets nothing.
+            let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+            let _ = nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &linger);
+            return;
+        }
+    };
+
+    let policy = enforcer.policy();
+    let caller = attribution::caller(&record, &enforcer.cgroups, &policy);
+    let orig_dst = attribution::orig_dst(&record);
+    let id = SessionId::random();
+    let subject = Subject {
+        scope: caller.scope.clone(),
+        unit: caller.unit.clone(),
+        cgroup: caller.cgroup.clone().unwrap_or_default(),
+    };
+    let role = role_for(&policy, &subject).map(|r| r.name.clone());
+
+    // The current policy decides, not the one in force at connect().
+    let Some(target) = policy.target_for(orig_dst.0).cloned() else {
+        let decision =
+            Decision::deny(role.as_deref(), "targets", format!("{orig_dst} matches no target of the policy in force"));
+        Stats::inc(&enforcer.stats.denied);
+        info!(session = %id, orig_dst = %orig_dst, tgid = caller.tgid, uid = caller.uid, unit = caller.unit.as_deref().unwrap_or("-"),
+              exe = caller.exe.as_deref().unwrap_or("-"), verdict = "deny", reason = %decision.reason, "connection");
+        enforcer.audit.record(Event::SessionStart {
+            session: id,
+            caller,
+            target: String::new(),
+            protocol: String::new(),
+            orig_dst,
+            role,
+        });
+        enforcer.audit.record(Event::Decision {
+            session: id,
+            request: RequestInfo::Session,
+            decision: DecisionInfo::from(&decision),
+        });
+        enforcer.audit.record(Event::SessionEnd { session: id, reason: "denied".into(), bytes_up: 0, bytes_down: 0 });
+        return;
+    };
+
+    let (decision, request) = if target.protocol == Protocol::Tcp {
+        let d = decide_classes(&policy, role.as_deref(), &target, &["connect"]);
+        (d, RequestInfo::Tcp { classes: vec!["connect".into()] })
+    } else {
+        (decide_session(&policy, role.as_deref(), &target), RequestInfo::Session)
+    };
+    let decision = if decision.verdict == Verdict::Approve {
+        // An opaque connection cannot be held at this layer: fail closed.
+        Decision {
+            verdict: Verdict::Deny,
+            reason: format!("{} (approval is not available for a whole connection)", decision.reason),
+            ..decision
+        }
+    } else {
+        decision
+    };
+    drop(policy);
+
+    info!(session = %id, target = %target.name, protocol = %target.protocol, orig_dst = %orig_dst,
+          tgid = caller.tgid, uid = caller.uid, comm = %caller.comm, unit = caller.unit.as_deref().unwrap_or("-"),
+          cgroup = caller.cgroup.as_deref().unwrap_or("-"), exe = caller.exe.as_deref().unwrap_or("-"),
+          role = role.as_deref().unwrap_or("-"), verdict = %decision.verdict, rule = %decision.rule, "connection");
+
+    enforcer.audit.record(Event::SessionStart {
+        session: id,
+        caller: caller.clone(),
+        target: target.name.clone(),
+        protocol: target.protocol.to_string(),
+        orig_dst,
+        role: role.clone(),
+    });
+    let decision_event = Event::Decision { session: id, request, decision: DecisionInfo::from(&decision) };
+    if decision.verdict == Verdict::Allow {
+        Stats::inc(&enforcer.stats.allowed);
+        // An opaque stream may change state upstream: its authorisation is
+        // on disk before a byte is forwarded.
+        if target.protocol == Protocol::Tcp {
+            if let Err(e) = enforcer.audit.record_durable(decision_event).await {
+                warn!(session = %id, error = %e, "audit write failed; connection refused");
+                return;
+            }
+        } else {
+            enforcer.audit.record(decision_event);
+        }
+    } else {
+        Stats::inc(&enforcer.stats.denied);
+        enforcer.audit.record(decision_event);
+    }
+
+    let live = LiveSession {
+        session: id,
+        target: target.name.clone(),
+        protocol: target.protocol.to_string(),
+        orig_dst,
+        role: role.clone(),
+        tgid: caller.tgid,
+        comm: caller.comm.clone(),
+        unit: caller.unit.clone(),
+        since_ms: crate::audit::now_ms(),
+    };
+    enforcer.session_opened(live);
+    let session = Session { id, caller, orig_dst, target, role, enforcer: enforcer.clone() };
+    let outcome = protocols::serve(&session, stream, decision).await;
+    enforcer.session_closed(id);
+    info!(session = %id, reason = %outcome.reason, bytes_up = outcome.bytes_up, bytes_down = outcome.bytes_down, "session end");
+    enforcer.audit.record(Event::SessionEnd {
+        session: id,
+        reason: outcome.reason,
+        bytes_up: outcome.bytes_up,
+        bytes_down: outcome.bytes_down,
+    });
+}

@@ -1,0 +1,19 @@
+//! portcullis: an eBPF-steered enforcer that puts role-based access control
+//! between AI coding agents and the systems they touch.
+//!
+//! The path of one connection, one module per step: `intercept` (kernel
+//! programs and attribution), `protocols` (decoding each target's
+//! protocol), `policy` (the decision), `audit` (the record); plus `cli`,
+//! `config`, `control` (the local control socket) and `credentials`.
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod credentials;
+pub mod daemon;
+pub mod enforcer;
+pub mod error;
+pub mod ids;
+pub mod intercept;
+pub mod policy;
+pub mod protocols;

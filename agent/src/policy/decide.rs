@@ -1,0 +1,335 @@
+//! The decision: a pure function of (policy, subject, target, request).
+//! No I/O and no clock, so it is tested exhaustively here and
+//! `portcullis policy explain` runs exactly this code.
+use std::{fmt, time::Duration};
+
+use serde::Serialize;
+
+use super::model::*;
+
+/// Who is asking, as established from the kernel's record.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Subject {
+    /// Name of the guarded scope the caller's cgroup is in.
+    pub scope: Option<String>,
+    /// systemd unit of the caller's cgroup, when under systemd.
+    pub unit: Option<String>,
+    /// cgroup path relative to the cgroup2 mount, without leading `/`.
+    pub cgroup: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allow,
+    /// Hold for a human's approval.
+    Approve,
+    Deny,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Verdict::Allow => "allow",
+            Verdict::Approve => "approve",
+            Verdict::Deny => "deny",
+        })
+    }
+}
+
+/// The outcome and the rule behind it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub role: Option<String>,
+    /// `roles.<role>.rules[<n>]`, or why no rule applied.
+    pub rule: String,
+    /// Human-readable reason, shown to the caller and in the audit log.
+    pub reason: String,
+    /// Maskers of the rule (for `Allow`).
+    pub mask: Vec<String>,
+    #[serde(skip)]
+    pub approval_timeout: Duration,
+}
+
+impl Decision {
+    pub fn deny(role: Option<&str>, rule: impl Into<String>, reason: impl Into<String>) -> Decision {
+        Decision {
+            verdict: Verdict::Deny,
+            role: role.map(str::to_string),
+            rule: rule.into(),
+            reason: reason.into(),
+            mask: Vec::new(),
+            approval_timeout: DEFAULT_APPROVAL_TIMEOUT,
+        }
+    }
+    pub fn is_allow(&self) -> bool {
+        self.verdict == Verdict::Allow
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} by {}: {}", self.verdict, self.rule, self.reason)
+    }
+}
+
+/// The binding that gives `subject` its role: the first that matches, in
+/// file order.
+pub fn binding_for<'p>(policy: &'p Policy, subject: &Subject) -> Option<&'p Binding> {
+    policy.bindings.iter().find(|b| match &b.selector {
+        Selector::Scope(s) => subject.scope.as_deref() == Some(s.as_str()),
+        Selector::Unit { glob, .. } => subject.unit.as_deref().is_some_and(|u| glob.is_match(u)),
+        Selector::Cgroup { glob, .. } => glob.is_match(subject.cgroup.trim_start_matches('/')),
+    })
+}
+
+pub fn role_for<'p>(policy: &'p Policy, subject: &Subject) -> Option<&'p Role> {
+    binding_for(policy, subject).and_then(|b| policy.role(&b.role))
+}
+
+/// Whether `role` may open a session to `target` at all (the first check on
+/// every connection, whatever its protocol).
+pub fn decide_session(policy: &Policy, role: Option<&str>, target: &Target) -> Decision {
+    match rule_of(policy, role, target) {
+        Err(d) => d,
+        Ok((role, rule)) => Decision {
+            verdict: Verdict::Allow,
+            role: Some(role.name.clone()),
+            rule: rule_ref(role, rule),
+            reason: format!("role {} has a rule for target {}", role.name, target.name),
+            mask: rule.mask.clone(),
+            approval_timeout: rule.approval_timeout,
+        },
+    }
+}
+
+/// Decides a request of the given classes. A request is as dangerous as
+/// its worst class: any deny denies, else any approve holds it.
+pub fn decide_classes(policy: &Policy, role: Option<&str>, target: &Target, classes: &[&str]) -> Decision {
+    let (role, rule) = match rule_of(policy, role, target) {
+        Err(d) => return d,
+        Ok(x) => x,
+    };
+    if classes.is_empty() {
+        // Nothing recognisable: fail closed.
+        return Decision::deny(Some(&role.name), rule_ref(role, rule), "request has no class");
+    }
+    let mut worst: Option<(Verdict, String)> = None;
+    for class in classes {
+        let (verdict, why) = class_verdict(rule, class);
+        if worst.as_ref().is_none_or(|(v, _)| verdict > *v) {
+            worst = Some((verdict, why));
+        }
+    }
+    let (verdict, reason) = worst.expect("classes is not empty");
+    Decision {
+        verdict,
+        role: Some(role.name.clone()),
+        rule: rule_ref(role, rule),
+        reason,
+        mask: rule.mask.clone(),
+        approval_timeout: rule.approval_timeout,
+    }
+}
+
+/// A class named explicitly wins over `*`; among explicit (and among `*`)
+/// entries deny beats approve beats allow; a class no list names is denied.
+pub fn class_verdict(rule: &Rule, class: &str) -> (Verdict, String) {
+    let lists = [(Verdict::Deny, &rule.deny), (Verdict::Approve, &rule.approve), (Verdict::Allow, &rule.allow)];
+    for (verdict, list) in lists {
+        if list.iter().any(|c| c == class) {
+            return (verdict, format!("{class} is in {}", list_name(verdict)));
+        }
+    }
+    for (verdict, list) in lists {
+        if list.iter().any(|c| c == "*") {
+            return (verdict, format!("{class} falls under \"*\" in {}", list_name(verdict)));
+        }
+    }
+    (Verdict::Deny, format!("{class} is not allowed (default deny)"))
+}
+
+fn list_name(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Allow => "allow",
+        Verdict::Approve => "approve",
+        Verdict::Deny => "deny",
+    }
+}
+
+pub fn rule_ref(role: &Role, rule: &Rule) -> String {
+    format!("roles.{}.rules[{}]", role.name, rule.index)
+}
+
+/// The role's rule for `target`, or the denial that applies when there is
+/// none.
+pub fn rule_of<'p>(policy: &'p Policy, role: Option<&str>, target: &Target) -> Result<(&'p Role, &'p Rule), Decision> {
+    let Some(role_name) = role else {
+        return Err(Decision::deny(None, "bindings", "no binding gives this caller a role"));
+    };
+    let Some(role) = policy.role(role_name) else {
+        return Err(Decision::deny(Some(role_name), "roles", format!("role {role_name} is not defined")));
+    };
+    let Some(rule) = role.rule_for(&target.name) else {
+        return Err(Decision::deny(
+            Some(role_name),
+            format!("roles.{role_name}"),
+            format!("role {role_name} has no rule for target {}", target.name),
+        ));
+    };
+    Ok((role, rule))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::load::parse;
+
+    const POLICY: &str = r#"
+version = 1
+
+[[scopes]]
+name = "ci"
+cgroup = "portcullis.slice/ci"
+egress = "deny"
+allow = ["127.0.0.53:53/udp"]
+
+[[scopes]]
+name = "lab"
+cgroup = "portcullis.slice/lab"
+
+[[targets]]
+name = "db"
+protocol = "postgres"
+match = ["127.0.0.53:5432"]
+upstream = "127.0.0.1:5432"
+
+[[targets]]
+name = "cache"
+protocol = "tcp"
+match = ["127.0.0.54:6379"]
+
+[[targets]]
+name = "any"
+protocol = "tcp"
+match = ["*"]
+
+[[roles]]
+name = "reader"
+[[roles.rules]]
+target = "db"
+allow = ["read", "session"]
+approve = ["ddl"]
+deny = ["*"]
+mask = ["detector:email"]
+
+[[roles]]
+name = "ops"
+[[roles.rules]]
+target = "db"
+allow = ["*"]
+deny = ["dcl"]
+[[roles.rules]]
+target = "cache"
+allow = ["connect"]
+
+[[bindings]]
+unit = "runner-*.service"
+role = "ops"
+
+[[bindings]]
+scope = "ci"
+role = "reader"
+
+[[bindings]]
+cgroup = "portcullis.slice/lab/**"
+role = "ops"
+"#;
+
+    fn policy() -> Policy {
+        parse(POLICY).expect("test policy parses")
+    }
+
+    fn subject(scope: Option<&str>, unit: Option<&str>, cgroup: &str) -> Subject {
+        Subject { scope: scope.map(Into::into), unit: unit.map(Into::into), cgroup: cgroup.into() }
+    }
+
+    #[test]
+    fn bindings_match_in_file_order() {
+        let p = policy();
+        let s = subject(Some("ci"), Some("runner-1.service"), "portcullis.slice/ci/runner-1.service");
+        assert_eq!(role_for(&p, &s).unwrap().name, "ops", "the unit binding comes first");
+        let s = subject(Some("ci"), None, "portcullis.slice/ci");
+        assert_eq!(role_for(&p, &s).unwrap().name, "reader");
+        let s = subject(Some("lab"), None, "portcullis.slice/lab/job-7");
+        assert_eq!(role_for(&p, &s).unwrap().name, "ops");
+        let s = subject(Some("lab"), None, "portcullis.slice/lab");
+        assert!(role_for(&p, &s).is_none(), "`**` under lab needs a child cgroup");
+        let s = subject(None, None, "system.slice/other.service");
+        assert!(role_for(&p, &s).is_none());
+    }
+
+    #[test]
+    fn no_role_or_no_rule_is_denied() {
+        let p = policy();
+        let db = p.target("db").unwrap();
+        let d = decide_session(&p, None, db);
+        assert_eq!(d.verdict, Verdict::Deny);
+        assert!(d.reason.contains("no binding"));
+        let cache = p.target("cache").unwrap();
+        let d = decide_session(&p, Some("reader"), cache);
+        assert_eq!(d.verdict, Verdict::Deny);
+        assert_eq!(d.rule, "roles.reader");
+        let d = decide_classes(&p, Some("ghost"), cache, &["connect"]);
+        assert_eq!(d.verdict, Verdict::Deny);
+        assert!(d.reason.contains("not defined"));
+    }
+
+    #[test]
+    fn explicit_classes_beat_the_wildcard() {
+        let p = policy();
+        let db = p.target("db").unwrap();
+        let v = |role: &str, classes: &[&str]| decide_classes(&p, Some(role), db, classes).verdict;
+        assert_eq!(v("reader", &["read"]), Verdict::Allow);
+        assert_eq!(v("reader", &["ddl"]), Verdict::Approve);
+        assert_eq!(v("reader", &["write"]), Verdict::Deny);
+        assert_eq!(v("ops", &["write"]), Verdict::Allow);
+        assert_eq!(v("ops", &["dcl"]), Verdict::Deny);
+        let d = decide_classes(&p, Some("reader"), db, &["read"]);
+        assert_eq!(d.rule, "roles.reader.rules[0]");
+        assert_eq!(d.mask, vec!["detector:email".to_string()]);
+    }
+
+    #[test]
+    fn worst_class_wins() {
+        let p = policy();
+        let db = p.target("db").unwrap();
+        let v = |classes: &[&str]| decide_classes(&p, Some("reader"), db, classes).verdict;
+        assert_eq!(v(&["read", "ddl"]), Verdict::Approve);
+        assert_eq!(v(&["read", "ddl", "write"]), Verdict::Deny);
+        assert_eq!(v(&["write", "read"]), Verdict::Deny);
+        assert_eq!(v(&[]), Verdict::Deny, "a request without a class is denied");
+    }
+
+    #[test]
+    fn unlisted_class_is_denied_without_a_wildcard() {
+        let p = policy();
+        let cache = p.target("cache").unwrap();
+        assert_eq!(decide_classes(&p, Some("ops"), cache, &["connect"]).verdict, Verdict::Allow);
+        let mut rule = p.role("ops").unwrap().rule_for("cache").unwrap().clone();
+        rule.allow.clear();
+        let (v, why) = class_verdict(&rule, "connect");
+        assert_eq!(v, Verdict::Deny);
+        assert!(why.contains("default deny"));
+    }
+
+    #[test]
+    fn targets_select_by_most_specific_match() {
+        let p = policy();
+        assert_eq!(p.target_for("127.0.0.53:5432".parse().unwrap()).unwrap().name, "db");
+        assert_eq!(p.target_for("[::ffff:127.0.0.53]:5432".parse().unwrap()).unwrap().name, "db");
+        assert_eq!(p.target_for("127.0.0.53:5433".parse().unwrap()).unwrap().name, "any");
+        assert_eq!(p.target_for("[2001:db8::1]:1".parse().unwrap()).unwrap().name, "any");
+    }
+}

@@ -1,0 +1,673 @@
+//! Reading a policy file: TOML with every error located by line and column.
+//! Syntax errors are all reported (the parser recovers); each scope, target,
+//! role and binding is then read on its own, so one bad entry does not hide
+//! the errors in the next; cross-references are checked last.
+use std::{collections::HashSet, fmt, path::Path, time::Duration};
+
+use globset::Glob;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use toml::{
+    de::{DeTable, DeValue, ValueDeserializer},
+    Spanned,
+};
+
+use super::{
+    address::{parse_exception, parse_patterns, parse_upstream},
+    model::*,
+};
+
+/// One problem in a policy file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PolicyError {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// All problems found in a policy file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct PolicyErrors {
+    pub path: String,
+    pub errors: Vec<PolicyError>,
+}
+
+impl fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}:{}:{}: {}", self.path, e.line, e.column, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+pub fn load_file(path: &Path) -> Result<Policy, PolicyErrors> {
+    let shown = path.display().to_string();
+    let src = std::fs::read_to_string(path).map_err(|e| PolicyErrors {
+        path: shown.clone(),
+        errors: vec![PolicyError { line: 0, column: 0, message: format!("cannot read: {e}") }],
+    })?;
+    let mut policy = parse(&src).map_err(|errors| PolicyErrors { path: shown, errors })?;
+    policy.source = Some(path.to_path_buf());
+    Ok(policy)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScope {
+    name: Spanned<String>,
+    cgroup: Option<Spanned<String>>,
+    unit: Option<Spanned<String>>,
+    egress: Option<Spanned<String>>,
+    allow: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: Spanned<String>,
+    protocol: Spanned<String>,
+    #[serde(rename = "match")]
+    matches: Spanned<Vec<Spanned<String>>>,
+    upstream: Option<Spanned<String>>,
+    hosts: Option<Vec<Spanned<String>>>,
+    tls: Option<RawTls>,
+    credentials: Option<RawCredentials>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    client: Option<bool>,
+    upstream: Option<bool>,
+    ca: Option<String>,
+    server_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredentials {
+    user: Option<String>,
+    password: Option<Spanned<RawSecret>>,
+    token: Option<Spanned<RawSecret>>,
+    scheme: Option<Spanned<String>>,
+    header: Option<String>,
+    query: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    file: Option<String>,
+    env: Option<String>,
+    credential: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRole {
+    name: Spanned<String>,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    target: Spanned<String>,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    approve: Vec<Spanned<String>>,
+    #[serde(default)]
+    deny: Vec<Spanned<String>>,
+    #[serde(default)]
+    mask: Vec<Spanned<String>>,
+    approval_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBinding {
+    scope: Option<Spanned<String>>,
+    unit: Option<Spanned<String>>,
+    cgroup: Option<Spanned<String>>,
+    role: Spanned<String>,
+}
+
+/// Collects errors with positions computed from byte offsets.
+struct Errors<'a> {
+    src: &'a str,
+    list: Vec<PolicyError>,
+}
+
+impl Errors<'_> {
+    fn at(&mut self, offset: usize, message: impl Into<String>) {
+        let (line, column) = line_col(self.src, offset);
+        self.list.push(PolicyError { line, column, message: message.into() });
+    }
+    fn at_span<T>(&mut self, s: &Spanned<T>, message: impl Into<String>) {
+        self.at(s.span().start, message)
+    }
+}
+
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(src.len());
+    let before = &src[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// Stable 32-bit id for a name (never 0), shared with the kernel maps.
+pub fn name_id(kind: &str, name: &str) -> u32 {
+    let h = Sha256::new().chain_update(kind).chain_update([0]).chain_update(name).finalize();
+    u32::from_be_bytes([h[0], h[1], h[2], h[3]]).max(1)
+}
+
+pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
+    let mut errs = Errors { src, list: Vec::new() };
+    let (doc, syntax) = DeTable::parse_recoverable(src);
+    if !syntax.is_empty() {
+        for e in syntax {
+            let offset = e.span().map_or(0, |s| s.start);
+            errs.at(offset, e.message().trim().to_string());
+        }
+        return Err(errs.list);
+    }
+    let doc = doc.into_inner();
+    let mut policy = Policy { digest: hex::encode(Sha256::digest(src.as_bytes())), ..Policy::default() };
+
+    let mut version_seen = false;
+    let mut raw_scopes = Vec::new();
+    let mut raw_targets = Vec::new();
+    let mut raw_roles = Vec::new();
+    let mut raw_bindings = Vec::new();
+    for (key, value) in doc.iter() {
+        match key.get_ref().as_ref() {
+            "version" => {
+                version_seen = true;
+                match value.get_ref().as_integer().and_then(|i| i.as_str().parse::<u32>().ok()) {
+                    Some(1) => policy.version = 1,
+                    _ => {
+                        errs.at(value.span().start, "unsupported policy version (this portcullis reads `version = 1`)")
+                    }
+                }
+            }
+            "scopes" => raw_scopes = entries::<RawScope>(&mut errs, "scopes", value),
+            "targets" => raw_targets = entries::<RawTarget>(&mut errs, "targets", value),
+            "roles" => raw_roles = entries::<RawRole>(&mut errs, "roles", value),
+            "bindings" => raw_bindings = entries::<RawBinding>(&mut errs, "bindings", value),
+            other => errs.at(
+                key.span().start,
+                format!("unknown key `{other}` (expected version, scopes, targets, roles, bindings)"),
+            ),
+        }
+    }
+    if !version_seen {
+        errs.at(0, "missing `version = 1`");
+    }
+
+    let mut names = HashSet::new();
+    for s in raw_scopes {
+        if let Some(scope) = scope(&mut errs, &mut names, s) {
+            policy.scopes.push(scope);
+        }
+    }
+    let mut names = HashSet::new();
+    for t in raw_targets {
+        if let Some(target) = target(&mut errs, &mut names, t) {
+            policy.targets.push(target);
+        }
+    }
+    let mut names = HashSet::new();
+    for r in raw_roles {
+        if let Some(role) = role(&mut errs, &mut names, &policy, r) {
+            policy.roles.push(role);
+        }
+    }
+    for (index, b) in raw_bindings.into_iter().enumerate() {
+        if let Some(binding) = binding(&mut errs, &policy, index, b) {
+            policy.bindings.push(binding);
+        }
+    }
+    check_ids(&mut errs, &policy);
+
+    if errs.list.is_empty() {
+        Ok(policy)
+    } else {
+        errs.list.sort_by_key(|e| (e.line, e.column));
+        Err(errs.list)
+    }
+}
+
+/// Deserializes each element of a top-level array of tables on its own.
+fn entries<T: for<'de> Deserialize<'de>>(errs: &mut Errors<'_>, key: &str, value: &Spanned<DeValue<'_>>) -> Vec<T> {
+    let Some(array) = value.get_ref().as_array() else {
+        errs.at(value.span().start, format!("`{key}` must be an array of tables (`[[{key}]]`)"));
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for item in array.iter() {
+        let start = item.span().start;
+        match T::deserialize(ValueDeserializer::from(item.clone())) {
+            Ok(v) => out.push(v),
+            Err(e) => {
+                let offset = e.span().map_or(start, |s| s.start);
+                errs.at(offset, format!("in `{key}`: {}", e.message().trim()));
+            }
+        }
+    }
+    out
+}
+
+fn unique(errs: &mut Errors<'_>, names: &mut HashSet<String>, kind: &str, name: &Spanned<String>) -> bool {
+    let n = name.get_ref();
+    if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        errs.at_span(
+            name,
+            format!("{kind} name `{n}` must be non-empty and use only letters, digits, `-`, `_` and `.`"),
+        );
+        return false;
+    }
+    if !names.insert(n.clone()) {
+        errs.at_span(name, format!("duplicate {kind} name `{n}`"));
+        return false;
+    }
+    true
+}
+
+fn scope(errs: &mut Errors<'_>, names: &mut HashSet<String>, s: RawScope) -> Option<Scope> {
+    let ok = unique(errs, names, "scope", &s.name);
+    let location = match (s.cgroup, s.unit) {
+        (Some(c), None) => {
+            let path = c.get_ref().trim_matches('/').to_string();
+            if path.is_empty() || path.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
+                errs.at_span(&c, format!("cgroup path `{}` must be a relative path without `.` or `..`", c.get_ref()));
+                return None;
+            }
+            ScopeLocation::Cgroup(path)
+        }
+        (None, Some(u)) => {
+            if !is_unit_name(u.get_ref()) {
+                errs.at_span(&u, format!("`{}` is not a systemd unit name (like `runner.service`)", u.get_ref()));
+                return None;
+            }
+            ScopeLocation::Unit(u.into_inner())
+        }
+        (Some(c), Some(_)) => {
+            errs.at_span(&c, "a scope takes `cgroup` or `unit`, not both");
+            return None;
+        }
+        (None, None) => {
+            errs.at_span(&s.name, format!("scope `{}` needs `cgroup` or `unit`", s.name.get_ref()));
+            return None;
+        }
+    };
+    let egress = match s.egress.as_ref().map(|e| e.get_ref().as_str()) {
+        None | Some("allow") => Egress::Allow,
+        Some("deny") => Egress::Deny,
+        Some(other) => {
+            errs.at_span(
+                s.egress.as_ref().expect("some"),
+                format!("egress must be \"allow\" or \"deny\", not \"{other}\""),
+            );
+            return None;
+        }
+    };
+    let mut allow = Vec::new();
+    for a in s.allow.unwrap_or_default() {
+        match parse_exception(a.get_ref()) {
+            Ok((patterns, transports)) => {
+                for addr in patterns {
+                    allow.push(EgressException { addr, transports: transports.clone() });
+                }
+            }
+            Err(e) => errs.at_span(&a, format!("bad address: {e}")),
+        }
+    }
+    let name = s.name.into_inner();
+    ok.then(|| Scope { id: name_id("scope", &name), name, location, egress, allow })
+}
+
+fn is_unit_name(u: &str) -> bool {
+    const SUFFIXES: [&str; 4] = [".service", ".scope", ".slice", ".socket"];
+    SUFFIXES.iter().any(|s| u.len() > s.len() && u.ends_with(s))
+        && u.chars().all(|c| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c))
+}
+
+fn secret(errs: &mut Errors<'_>, s: Spanned<RawSecret>) -> Option<SecretRef> {
+    let span = s.span().start;
+    let s = s.into_inner();
+    match (s.file, s.env, s.credential) {
+        (Some(f), None, None) => Some(SecretRef::File(f.into())),
+        (None, Some(e), None) => Some(SecretRef::Env(e)),
+        (None, None, Some(c)) => Some(SecretRef::Credential(c)),
+        _ => {
+            errs.at(span, "a secret is exactly one of { file = \"...\" }, { env = \"...\" }, { credential = \"...\" }");
+            None
+        }
+    }
+}
+
+fn target(errs: &mut Errors<'_>, names: &mut HashSet<String>, t: RawTarget) -> Option<Target> {
+    let before = errs.list.len();
+    unique(errs, names, "target", &t.name);
+    let protocol = Protocol::parse(t.protocol.get_ref());
+    if protocol.is_none() {
+        errs.at_span(
+            &t.protocol,
+            format!("unknown protocol `{}` (expected postgres, http, git or tcp)", t.protocol.get_ref()),
+        );
+    }
+    let mut matches = Vec::new();
+    if t.matches.get_ref().is_empty() {
+        errs.at_span(&t.matches, "`match` needs at least one address");
+    }
+    for m in t.matches.into_inner() {
+        match parse_patterns(m.get_ref()) {
+            Ok(p) => matches.extend(p),
+            Err(e) => errs.at_span(&m, format!("bad address: {e}")),
+        }
+    }
+    let upstream = match t.upstream {
+        None => Upstream::Original,
+        Some(u) => match parse_upstream(u.get_ref()) {
+            Ok(up) => up,
+            Err(e) => {
+                errs.at_span(&u, format!("bad upstream: {e}"));
+                Upstream::Original
+            }
+        },
+    };
+    if upstream == Upstream::Original && matches.iter().any(|m| m.port.is_none()) {
+        // `*` ports are fine: the caller's port is kept.
+    }
+    let hosts: Vec<String> =
+        t.hosts.unwrap_or_default().into_iter().map(|h| h.into_inner().to_ascii_lowercase()).collect();
+    let tls = t.tls.map(|r| TargetTls {
+        client: r.client.unwrap_or(false),
+        upstream: r.upstream.unwrap_or(false),
+        ca: r.ca.map(Into::into),
+        server_name: r.server_name,
+    });
+    let credentials = t.credentials.map(|c| {
+        if let Some(s) = &c.scheme {
+            if !["bearer", "basic", "header", "query"].contains(&s.get_ref().as_str()) {
+                errs.at_span(s, "scheme must be one of bearer, basic, header, query");
+            }
+        }
+        Credentials {
+            user: c.user,
+            password: c.password.and_then(|p| secret(errs, p)),
+            token: c.token.and_then(|p| secret(errs, p)),
+            scheme: c.scheme.map(Spanned::into_inner),
+            header: c.header,
+            query: c.query,
+        }
+    });
+    if errs.list.len() != before {
+        return None;
+    }
+    let name = t.name.into_inner();
+    Some(Target {
+        id: name_id("target", &name),
+        name,
+        protocol: protocol?,
+        matches,
+        upstream,
+        hosts,
+        tls: tls.unwrap_or_default(),
+        credentials,
+    })
+}
+
+fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return None,
+    };
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: RawRole) -> Option<Role> {
+    let before = errs.list.len();
+    unique(errs, names, "role", &r.name);
+    let mut rules = Vec::new();
+    let mut seen_targets = HashSet::new();
+    for (index, raw) in r.rules.into_iter().enumerate() {
+        let Some(target) = policy.target(raw.target.get_ref()) else {
+            errs.at_span(&raw.target, format!("rule names unknown target `{}`", raw.target.get_ref()));
+            continue;
+        };
+        if !seen_targets.insert(target.name.clone()) {
+            errs.at_span(
+                &raw.target,
+                format!("role `{}` has two rules for target `{}`", r.name.get_ref(), target.name),
+            );
+            continue;
+        }
+        let classes = target.protocol.request_classes();
+        let mut lists: [Vec<String>; 3] = Default::default();
+        for (list, raw_list) in lists.iter_mut().zip([&raw.allow, &raw.approve, &raw.deny]) {
+            for c in raw_list {
+                let name = c.get_ref();
+                if name != "*" && !classes.contains(&name.as_str()) {
+                    errs.at_span(
+                        c,
+                        format!(
+                            "`{name}` is not a request class of protocol {} (expected one of: {}, or `*`)",
+                            target.protocol,
+                            classes.join(", ")
+                        ),
+                    );
+                } else {
+                    list.push(name.clone());
+                }
+            }
+        }
+        // A class may appear in one list only: order of precedence should not
+        // be something a reader has to know.
+        for c in raw.allow.iter().chain(&raw.approve).chain(&raw.deny) {
+            let n = c.get_ref();
+            let count = lists.iter().filter(|l| l.contains(n)).count();
+            if count > 1 {
+                errs.at_span(c, format!("`{n}` appears in more than one of allow, approve, deny"));
+                break;
+            }
+        }
+        let approval_timeout = match &raw.approval_timeout {
+            None => DEFAULT_APPROVAL_TIMEOUT,
+            Some(t) => parse_duration(t.get_ref()).unwrap_or_else(|| {
+                errs.at_span(t, "approval_timeout must look like 30s, 5m or 1h");
+                DEFAULT_APPROVAL_TIMEOUT
+            }),
+        };
+        let [allow, approve, deny] = lists;
+        rules.push(Rule {
+            target: target.name.clone(),
+            index,
+            allow,
+            approve,
+            deny,
+            mask: raw.mask.into_iter().map(Spanned::into_inner).collect(),
+            approval_timeout,
+        });
+    }
+    (errs.list.len() == before).then(|| Role { name: r.name.into_inner(), rules })
+}
+
+fn binding(errs: &mut Errors<'_>, policy: &Policy, index: usize, b: RawBinding) -> Option<Binding> {
+    if policy.role(b.role.get_ref()).is_none() {
+        errs.at_span(&b.role, format!("binding names unknown role `{}`", b.role.get_ref()));
+        return None;
+    }
+    let glob = |errs: &mut Errors<'_>, s: &Spanned<String>| match Glob::new(s.get_ref().trim_matches('/')) {
+        Ok(g) => Some(g.compile_matcher()),
+        Err(e) => {
+            errs.at_span(s, format!("bad pattern: {e}"));
+            None
+        }
+    };
+    let selector = match (b.scope, b.unit, b.cgroup) {
+        (Some(s), None, None) => {
+            if policy.scope(s.get_ref()).is_none() {
+                errs.at_span(&s, format!("binding names unknown scope `{}`", s.get_ref()));
+                return None;
+            }
+            Selector::Scope(s.into_inner())
+        }
+        (None, Some(u), None) => Selector::Unit { glob: glob(errs, &u)?, text: u.into_inner() },
+        (None, None, Some(c)) => Selector::Cgroup { glob: glob(errs, &c)?, text: c.into_inner() },
+        _ => {
+            errs.at_span(&b.role, "a binding takes exactly one of `scope`, `unit`, `cgroup`");
+            return None;
+        }
+    };
+    Some(Binding { selector, role: b.role.into_inner(), index })
+}
+
+fn check_ids(errs: &mut Errors<'_>, policy: &Policy) {
+    let mut ids = HashSet::new();
+    for s in &policy.scopes {
+        if !ids.insert(s.id) {
+            errs.at(0, format!("scope `{}` collides with another scope's id; rename it", s.name));
+        }
+    }
+    let mut ids = HashSet::new();
+    for t in &policy.targets {
+        if !ids.insert(t.id) {
+            errs.at(0, format!("target `{}` collides with another target's id; rename it", t.name));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(src: &str) -> Vec<PolicyError> {
+        parse(src).expect_err("policy should be refused")
+    }
+
+    fn has(errs: &[PolicyError], line: usize, needle: &str) -> bool {
+        errs.iter().any(|e| e.line == line && e.message.contains(needle))
+    }
+
+    #[test]
+    fn every_semantic_error_is_located() {
+        let src = r#"version = 1
+[[scopes]]
+name = "ci"
+cgroup = "a/b"
+[[scopes]]
+name = "ci"
+cgroup = "a/c"
+[[targets]]
+name = "db"
+protocol = "mysql"
+match = ["127.0.0.53:5432"]
+[[targets]]
+name = "x"
+protocol = "tcp"
+match = ["127.0.0.1:99999"]
+[[roles]]
+name = "r"
+[[roles.rules]]
+target = "nope"
+allow = ["read"]
+[[bindings]]
+scope = "ci"
+role = "ghost"
+"#;
+        let errs = errors(src);
+        assert!(has(&errs, 6, "duplicate scope name `ci`"), "{errs:?}");
+        assert!(has(&errs, 10, "unknown protocol `mysql`"), "{errs:?}");
+        assert!(has(&errs, 15, "not a port"), "{errs:?}");
+        assert!(has(&errs, 19, "unknown target `nope`"), "{errs:?}");
+        assert!(has(&errs, 23, "unknown role `ghost`"), "{errs:?}");
+        let e = errs.iter().find(|e| e.line == 10).unwrap();
+        assert_eq!(e.column, 12, "column points at the value");
+    }
+
+    #[test]
+    fn syntax_and_schema_errors_are_located() {
+        let errs = errors("version = 1\n[[scopes]]\nname = \"ci\"\ncgroup = \"a\"\nsurprise = 1\n");
+        assert!(has(&errs, 5, "unknown field `surprise`"), "{errs:?}");
+        let errs = errors("version = 1\n[[targets]\nname = 1\n");
+        assert!(errs.iter().all(|e| e.line >= 1) && !errs.is_empty());
+        assert_eq!(errs[0].line, 2);
+        let errs = errors("version = 2\n");
+        assert!(has(&errs, 1, "unsupported policy version"));
+        let errs = errors("[[scopes]]\nname = \"a\"\ncgroup = \"x\"\n");
+        assert!(has(&errs, 1, "missing `version = 1`"));
+    }
+
+    #[test]
+    fn errors_in_one_entry_do_not_hide_the_next() {
+        let src = "version = 1\n[[targets]]\nname = \"a\"\nprotocol = 1\nmatch = []\n[[targets]]\nname = \"b\"\nprotocol = \"tcp\"\nmatch = [\"nonsense\"]\n";
+        let errs = errors(src);
+        assert!(has(&errs, 4, "invalid type"), "{errs:?}");
+        assert!(has(&errs, 9, "bad address"), "{errs:?}");
+    }
+
+    #[test]
+    fn classes_are_checked_against_the_protocol() {
+        let src = r#"version = 1
+[[targets]]
+name = "c"
+protocol = "tcp"
+match = ["127.0.0.1:1"]
+[[roles]]
+name = "r"
+[[roles.rules]]
+target = "c"
+allow = ["read"]
+deny = ["connect"]
+approve = ["connect"]
+approval_timeout = "soon"
+"#;
+        let errs = errors(src);
+        assert!(has(&errs, 10, "`read` is not a request class of protocol tcp"), "{errs:?}");
+        assert!(
+            has(&errs, 11, "more than one of allow, approve, deny")
+                || has(&errs, 12, "more than one of allow, approve, deny"),
+            "{errs:?}"
+        );
+        assert!(has(&errs, 13, "approval_timeout"), "{errs:?}");
+    }
+
+    #[test]
+    fn two_rules_for_one_target_are_refused() {
+        let src = "version = 1\n[[targets]]\nname = \"c\"\nprotocol = \"tcp\"\nmatch = [\"127.0.0.1:1\"]\n[[roles]]\nname = \"r\"\n[[roles.rules]]\ntarget = \"c\"\n[[roles.rules]]\ntarget = \"c\"\n";
+        assert!(has(&errors(src), 11, "two rules for target `c`"));
+    }
+
+    #[test]
+    fn secrets_take_exactly_one_source() {
+        let src = "version = 1\n[[targets]]\nname = \"c\"\nprotocol = \"postgres\"\nmatch = [\"127.0.0.1:1\"]\n[targets.credentials]\nuser = \"u\"\npassword = { file = \"/a\", env = \"B\" }\n";
+        assert!(has(&errors(src), 8, "exactly one of"));
+    }
+
+    #[test]
+    fn ids_are_stable_and_nonzero() {
+        assert_eq!(name_id("scope", "ci"), name_id("scope", "ci"));
+        assert_ne!(name_id("scope", "ci"), name_id("target", "ci"));
+        assert_ne!(name_id("scope", "ci"), 0);
+    }
+
+    #[test]
+    fn observe_policy_is_valid() {
+        let p = crate::policy::observe_policy();
+        assert_eq!(p.scopes[0].name, "agent");
+        assert!(p.target_for("192.0.2.1:80".parse().unwrap()).is_some());
+    }
+}

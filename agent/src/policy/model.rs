@@ -1,0 +1,321 @@
+//! The validated policy: what `load` produces and `decide` reads.
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use globset::GlobMatcher;
+use ipnet::IpNet;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub version: u32,
+    pub scopes: Vec<Scope>,
+    pub targets: Vec<Target>,
+    pub roles: Vec<Role>,
+    pub bindings: Vec<Binding>,
+    /// Where it was read from (None for the built-in default).
+    pub source: Option<PathBuf>,
+    /// SHA-256 of the source text, to tell reloads apart in the audit log.
+    pub digest: String,
+}
+
+impl Policy {
+    pub fn scope(&self, name: &str) -> Option<&Scope> {
+        self.scopes.iter().find(|s| s.name == name)
+    }
+    pub fn scope_by_id(&self, id: u32) -> Option<&Scope> {
+        self.scopes.iter().find(|s| s.id == id)
+    }
+    pub fn target(&self, name: &str) -> Option<&Target> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+    pub fn role(&self, name: &str) -> Option<&Role> {
+        self.roles.iter().find(|r| r.name == name)
+    }
+
+    /// The target a connection to `dst` selects: the most specific match
+    /// (longest prefix, then an exact port over any port), as the kernel's
+    /// LPM lookup does.
+    pub fn target_for(&self, dst: SocketAddr) -> Option<&Target> {
+        let ip = dst.ip().to_canonical();
+        let mut best: Option<(u32, bool, &Target)> = None;
+        for t in &self.targets {
+            for m in &t.matches {
+                if !m.matches(ip, dst.port()) {
+                    continue;
+                }
+                let rank = (m.mapped_prefix_len(), m.port.is_some());
+                if best.is_none_or(|(p, e, _)| (p, e) < rank) {
+                    best = Some((rank.0, rank.1, t));
+                }
+            }
+        }
+        best.map(|(_, _, t)| t)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Postgres,
+    Http,
+    Git,
+    Tcp,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 4] = [Protocol::Postgres, Protocol::Http, Protocol::Git, Protocol::Tcp];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Postgres => "postgres",
+            Protocol::Http => "http",
+            Protocol::Git => "git",
+            Protocol::Tcp => "tcp",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Protocol> {
+        Protocol::ALL.into_iter().find(|p| p.name() == s)
+    }
+
+    /// The request classes a rule for a target of this protocol may name.
+    pub fn request_classes(self) -> &'static [&'static str] {
+        match self {
+            Protocol::Tcp => &["connect"],
+            Protocol::Postgres => &[
+                "read",
+                "write",
+                "ddl",
+                "dcl",
+                "session",
+                "transaction",
+                "copy-in",
+                "copy-out",
+                "function-call",
+                "utility",
+            ],
+            Protocol::Http => {
+                &["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "CONNECT", "TRACE", "read", "write"]
+            }
+            Protocol::Git => &["fetch", "push", "create", "update", "delete", "force-push"],
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Egress {
+    Allow,
+    Deny,
+}
+
+/// Where a scope lives in the cgroup tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScopeLocation {
+    /// A path relative to the cgroup2 mount, created if missing.
+    Cgroup(String),
+    /// A systemd unit, resolved to its cgroup when the probes attach.
+    Unit(String),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Scope {
+    pub name: String,
+    /// Stable id derived from the name; the kernel records carry it.
+    pub id: u32,
+    pub location: ScopeLocation,
+    pub egress: Egress,
+    pub allow: Vec<EgressException>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EgressException {
+    pub addr: AddrPattern,
+    /// Empty means both TCP and UDP.
+    pub transports: Vec<Transport>,
+}
+
+/// An address selector: a network (a single address is a /32 or /128) and a
+/// port, or any port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AddrPattern {
+    #[serde(serialize_with = "ser_display")]
+    pub net: IpNet,
+    pub port: Option<u16>,
+    /// As written in the policy.
+    pub text: String,
+}
+
+fn ser_display<S: serde::Serializer, T: fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+impl AddrPattern {
+    pub fn matches(&self, ip: IpAddr, port: u16) -> bool {
+        let ip = ip.to_canonical();
+        self.port.is_none_or(|p| p == port) && self.net.contains(&ip)
+    }
+
+    /// Prefix length over the 128-bit space where IPv4 is mapped
+    /// (`::ffff:0:0/96`), the form the kernel maps use.
+    pub fn mapped_prefix_len(&self) -> u32 {
+        match self.net {
+            IpNet::V4(n) => 96 + n.prefix_len() as u32,
+            IpNet::V6(n) => n.prefix_len() as u32,
+        }
+    }
+
+    /// The network address in mapped 16-byte form.
+    pub fn mapped_addr(&self) -> [u8; 16] {
+        match self.net {
+            IpNet::V4(n) => n.network().to_ipv6_mapped().octets(),
+            IpNet::V6(n) => n.network().octets(),
+        }
+    }
+}
+
+impl fmt::Display for AddrPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// Where the enforcer connects for a target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Upstream {
+    /// The address the caller asked for.
+    Original,
+    Addr(SocketAddr),
+    /// Resolved when connecting.
+    Host {
+        host: String,
+        port: u16,
+    },
+}
+
+/// A secret's source. Never the guarded process: a file readable by
+/// portcullis, portcullis' own environment, or a systemd credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecretRef {
+    File(PathBuf),
+    Env(String),
+    Credential(String),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Credentials {
+    pub user: Option<String>,
+    pub password: Option<SecretRef>,
+    /// Bearer or API token (HTTP, git).
+    pub token: Option<SecretRef>,
+    /// HTTP: how to present the token: "bearer" (default), "basic", or a
+    /// header name given in `header`, or a query parameter in `query`.
+    pub scheme: Option<String>,
+    pub header: Option<String>,
+    pub query: Option<String>,
+}
+
+/// TLS settings of a target.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TargetTls {
+    /// Offer TLS to the caller, with a certificate from the local CA.
+    pub client: bool,
+    /// Speak TLS to the upstream, verifying its certificate.
+    pub upstream: bool,
+    /// Extra CA certificate (PEM) trusted for the upstream.
+    pub ca: Option<PathBuf>,
+    /// Name to verify the upstream's certificate against (default: the
+    /// target's first host, else the upstream host).
+    pub server_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub name: String,
+    pub id: u32,
+    pub protocol: Protocol,
+    pub matches: Vec<AddrPattern>,
+    pub upstream: Upstream,
+    /// Host names the target answers to (HTTP Host/SNI checks).
+    pub hosts: Vec<String>,
+    pub tls: TargetTls,
+    #[serde(skip)]
+    pub credentials: Option<Credentials>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Role {
+    pub name: String,
+    pub rules: Vec<Rule>,
+}
+
+impl Role {
+    pub fn rule_for(&self, target: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.target == target)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Rule {
+    pub target: String,
+    /// Position in the role's rule list, for messages and the audit log.
+    pub index: usize,
+    pub allow: Vec<String>,
+    pub approve: Vec<String>,
+    pub deny: Vec<String>,
+    pub mask: Vec<String>,
+    /// How long a held request waits for a human before it is denied.
+    #[serde(serialize_with = "ser_duration")]
+    pub approval_timeout: Duration,
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
+}
+
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone)]
+pub enum Selector {
+    Scope(String),
+    Unit { glob: GlobMatcher, text: String },
+    Cgroup { glob: GlobMatcher, text: String },
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::Scope(s) => write!(f, "scope {s}"),
+            Selector::Unit { text, .. } => write!(f, "unit {text}"),
+            Selector::Cgroup { text, .. } => write!(f, "cgroup {text}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Binding {
+    pub selector: Selector,
+    pub role: String,
+    pub index: usize,
+}

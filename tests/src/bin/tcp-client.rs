@@ -1,0 +1,53 @@
+//! A minimal TCP/UDP client for the end-to-end tests, run inside guarded
+//! cgroups: connects, optionally sends a line and reads the reply, and prints
+//! what happened as one JSON object (including the peer address the socket
+//! reports, which the kernel programs rewrite).
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mode = args.get(1).map(String::as_str).unwrap_or("tcp");
+    let addr: SocketAddr = args.get(2).expect("usage: tcp-client tcp|udp ADDR [MESSAGE]").parse().expect("address");
+    let msg = args.get(3).cloned();
+    let out = match mode {
+        "udp" => udp(addr, msg.as_deref().unwrap_or("ping")),
+        _ => tcp(addr, msg.as_deref()),
+    };
+    println!("{out}");
+}
+
+fn tcp(addr: SocketAddr, msg: Option<&str>) -> serde_json::Value {
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => return serde_json::json!({"connected": false, "error": e.to_string(), "errno": e.raw_os_error()}),
+    };
+    let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut reply = String::new();
+    let mut error = None;
+    if let Some(m) = msg {
+        if let Err(e) = s.write_all(m.as_bytes()) {
+            error = Some(e.to_string());
+        }
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut buf = Vec::new();
+        match s.read_to_end(&mut buf) {
+            Ok(_) => reply = String::from_utf8_lossy(&buf).into_owned(),
+            Err(e) => error = Some(e.to_string()),
+        }
+    }
+    serde_json::json!({"connected": true, "peer": peer, "reply": reply, "error": error})
+}
+
+fn udp(addr: SocketAddr, msg: &str) -> serde_json::Value {
+    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let s = UdpSocket::bind(bind).expect("bind");
+    match s.send_to(msg.as_bytes(), addr) {
+        Ok(_) => serde_json::json!({"sent": true}),
+        Err(e) => serde_json::json!({"sent": false, "error": e.to_string(), "errno": e.raw_os_error()}),
+    }
+}

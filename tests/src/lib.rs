@@ -1,0 +1,370 @@
+//! Helpers for the privileged end-to-end tests: start a real `portcullis`
+//! with its own pin directory, port, state directory and cgroups; run
+//! commands inside guarded scopes; start real servers on loopback.
+//!
+//! Every test runs as root for real. Outside CI a non-root run skips them
+//! with a message; with `CI` set a missing privilege or tool is an error.
+pub mod servers;
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// True when privileged tests can run. Without root: a skip message, or a
+/// panic under CI (where skipping would hide a broken set-up).
+pub fn require_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if in_ci() {
+        panic!("end-to-end tests need root (cgroups, eBPF); CI must run them as root");
+    }
+    eprintln!("skipping: end-to-end test needs root");
+    false
+}
+
+/// Panics (in CI) or reports false when a tool the test needs is missing.
+pub fn require_tool(cmd: &str) -> bool {
+    let ok = Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).output().is_ok_and(|o| o.status.success());
+    if !ok {
+        if in_ci() {
+            panic!("`{cmd}` is required by the end-to-end tests (cargo xtask setup installs it)");
+        }
+        eprintln!("skipping: `{cmd}` not installed");
+    }
+    ok
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("root").to_path_buf()
+}
+
+/// The portcullis binary under test.
+pub fn portcullis_bin() -> PathBuf {
+    std::env::var_os("PORTCULLIS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/debug/portcullis"))
+}
+
+/// A helper binary of this crate (built next to the test executables).
+pub fn helper_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(p.exists(), "helper binary {} missing (cargo test builds it)", p.display());
+    p
+}
+
+/// A free TCP port on loopback (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this test process and call.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A running `portcullis run` under test.
+pub struct Agent {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub pin_dir: PathBuf,
+    pub control: PathBuf,
+    pub policy_path: PathBuf,
+    /// Cgroup subtree (relative to the cgroup2 mount) this agent's scopes
+    /// live under; `@CG@` in a policy is replaced with it.
+    pub cgroup_base: String,
+    pub log: Arc<Mutex<Vec<String>>>,
+    extra_env: Vec<(String, String)>,
+}
+
+impl Agent {
+    /// Starts portcullis with `policy` (where `@CG@` stands for a fresh
+    /// cgroup subtree) and waits until it answers on its control socket.
+    pub fn start(policy: &str) -> Agent {
+        Agent::start_with_env(policy, &[])
+    }
+
+    pub fn start_with_env(policy: &str, env: &[(&str, &str)]) -> Agent {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let name = unique("pc");
+        let cgroup_base = format!("portcullis-test/{name}");
+        let policy_path = dir.path().join("policy.toml");
+        std::fs::write(&policy_path, policy.replace("@CG@", &cgroup_base)).unwrap();
+        let mut agent = Agent {
+            child: None,
+            port: free_port(),
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{name}")),
+            control: dir.path().join("control.sock"),
+            policy_path,
+            cgroup_base,
+            log: Arc::new(Mutex::new(Vec::new())),
+            extra_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            dir,
+        };
+        agent.spawn();
+        agent
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(portcullis_bin());
+        cmd.arg("--control-socket")
+            .arg(&self.control)
+            .arg("run")
+            .arg("--policy")
+            .arg(&self.policy_path)
+            .arg("--listen-port")
+            .arg(self.port.to_string())
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .env("PORTCULLIS_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start portcullis");
+        let stderr = child.stderr.take().unwrap();
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("PORTCULLIS_TEST_LOG").is_some() {
+                    eprintln!("[portcullis] {line}");
+                }
+                log.lock().unwrap().push(line);
+            }
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.try_status().is_some() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("portcullis exited during start-up ({status}):\n{}", self.log_text());
+            }
+            if Instant::now() > deadline {
+                panic!("portcullis did not become ready:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            if Instant::now() > deadline {
+                panic!("no log line containing {needle:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A `portcullis` command aimed at this agent.
+    pub fn cli(&self) -> Command {
+        let mut cmd = Command::new(portcullis_bin());
+        cmd.arg("--control-socket").arg(&self.control);
+        cmd
+    }
+
+    pub fn try_status(&self) -> Option<Value> {
+        let out = self.cli().args(["status", "--json"]).output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn status(&self) -> Value {
+        self.try_status().unwrap_or_else(|| panic!("status failed:\n{}", self.log_text()))
+    }
+
+    /// A command that runs `argv` inside `scope` (via `portcullis exec`).
+    pub fn exec(&self, scope: &str, argv: &[&str]) -> Command {
+        let mut cmd = self.cli();
+        cmd.args(["exec", "--scope", scope, "--"]).args(argv);
+        cmd
+    }
+
+    /// Same, as another user.
+    pub fn exec_as(&self, scope: &str, user: &str, argv: &[&str]) -> Command {
+        let mut cmd = self.cli();
+        cmd.args(["exec", "--scope", scope, "--user", user, "--"]).args(argv);
+        cmd
+    }
+
+    /// Runs the test TCP client inside `scope` and returns its JSON report.
+    pub fn tcp_client(&self, scope: &str, args: &[&str]) -> Value {
+        let client = helper_bin("tcp-client");
+        let client = client.to_str().unwrap();
+        let mut argv = vec![client];
+        argv.extend_from_slice(args);
+        let out = self.exec(scope, &argv).output().expect("run tcp-client");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+            panic!(
+                "tcp-client printed no JSON (status {}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// Replaces the policy file and waits for the agent to react: `Ok` when
+    /// it reloaded, `Err` when it refused the file.
+    pub fn replace_policy(&self, policy: &str) -> Result<(), String> {
+        let before = self.status()["counters"].clone();
+        std::fs::write(&self.policy_path, policy.replace("@CG@", &self.cgroup_base)).unwrap();
+        self.cli().arg("status").output().unwrap();
+        if let Some(pid) = self.pid() {
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.status()["counters"].clone();
+            if now["reloads"].as_u64() > before["reloads"].as_u64() {
+                return Ok(());
+            }
+            if now["reload_failures"].as_u64() > before["reload_failures"].as_u64() {
+                return Err(self.log_text());
+            }
+            if Instant::now() > deadline {
+                panic!("policy change not picked up:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, no clean-up: the pinned probes stay.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the agent again with the same settings.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.log.lock().unwrap().clear();
+        self.spawn();
+    }
+
+    /// Every audit record so far, in order.
+    pub fn audit(&self) -> Vec<Value> {
+        let out = self
+            .cli()
+            .args(["sessions", "export", "--format", "jsonl", "--state-dir"])
+            .arg(self.state_dir())
+            .output()
+            .expect("sessions export");
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        }
+        // Until `sessions export` exists, read the log file directly.
+        let text = std::fs::read_to_string(self.state_dir().join("audit/audit.jsonl")).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// Waits until an audit record satisfies `pred`.
+    pub fn wait_audit(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(r) = self.audit().into_iter().find(|r| pred(r)) {
+                return r;
+            }
+            if Instant::now() > deadline {
+                panic!("no audit record: {what}\nrecords: {:#?}\nlog:\n{}", self.audit(), self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Absolute path of a cgroup under this agent's subtree.
+    pub fn cgroup_dir(&self, rel: &str) -> PathBuf {
+        cgroup2_mount().join(rel.replace("@CG@", &self.cgroup_base))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = Command::new(portcullis_bin()).arg("detach").arg("--pin-dir").arg(&self.pin_dir).output();
+        remove_cgroup_tree(&cgroup2_mount().join(&self.cgroup_base));
+    }
+}
+
+/// The cgroup2 mount, from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for line in info.lines() {
+        if let Some((pre, post)) = line.split_once(" - ") {
+            if post.starts_with("cgroup2 ") {
+                return PathBuf::from(pre.split_whitespace().nth(4).unwrap());
+            }
+        }
+    }
+    panic!("no cgroup2 mount");
+}
+
+/// Removes a cgroup subtree, children first (cgroups are removed with
+/// rmdir once empty of processes).
+pub fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    for _ in 0..50 {
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Addresses used as "remote" services in tests: loopback only.
+pub fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("socket address")
+}

@@ -1,0 +1,266 @@
+//! End to end through the real eBPF path: redirection, attribution,
+//! roles, egress, fail-closed restarts and reloads.
+use portcullis_tests::{require_root, servers::EchoServer, Agent};
+
+/// Two scopes, one TCP target each way, an egress-deny scope with a DNS-like
+/// exception. `@CG@` is the test's own cgroup subtree; `@ECHO@`,
+/// `@ECHO6@` the upstream echo servers.
+fn policy(echo: &EchoServer, echo6: &EchoServer, other_port: u16) -> String {
+    format!(
+        r#"
+version = 1
+
+[[scopes]]
+name = "ci"
+cgroup = "@CG@/ci"
+egress = "deny"
+allow = ["127.0.0.1:{other}/tcp", "127.0.0.53:53/udp"]
+
+[[scopes]]
+name = "guest"
+cgroup = "@CG@/guest"
+
+[[targets]]
+name = "echo"
+protocol = "tcp"
+match = ["127.0.0.53:7000"]
+upstream = "{echo}"
+
+[[targets]]
+name = "echo6"
+protocol = "tcp"
+match = ["[::1]:7001"]
+upstream = "{echo6}"
+
+[[roles]]
+name = "builder"
+[[roles.rules]]
+target = "echo"
+allow = ["connect"]
+[[roles.rules]]
+target = "echo6"
+allow = ["connect"]
+
+[[roles]]
+name = "nobody"
+
+[[bindings]]
+scope = "ci"
+role = "builder"
+
+[[bindings]]
+scope = "guest"
+role = "nobody"
+"#,
+        echo = echo.addr,
+        echo6 = echo6.addr,
+        other = other_port,
+    )
+}
+
+struct Fixture {
+    agent: Agent,
+    echo: EchoServer,
+    echo6: EchoServer,
+    other: EchoServer,
+}
+
+fn fixture() -> Option<Fixture> {
+    if !require_root() {
+        return None;
+    }
+    let echo = EchoServer::start("127.0.0.1:0");
+    let echo6 = EchoServer::start("[::1]:0");
+    let other = EchoServer::start("127.0.0.1:0");
+    let agent = Agent::start(&policy(&echo, &echo6, other.addr.port()));
+    Some(Fixture { agent, echo, echo6, other })
+}
+
+#[test]
+fn guarded_process_reaches_target_and_sees_the_address_it_asked_for() {
+    let Some(f) = fixture() else { return };
+    let r = f.agent.tcp_client("ci", &["tcp", "127.0.0.53:7000", "hello"]);
+    assert_eq!(r["connected"], true, "{r}");
+    assert_eq!(r["reply"], "echo:hello", "{r}");
+    assert_eq!(r["peer"], "127.0.0.53:7000", "getpeername shows the original destination: {r}");
+    assert_eq!(f.echo.count(), 1);
+
+    // The attempt is attributed: unit/cgroup, exe, uid, target, role.
+    let start = f.agent.wait_audit("session start", |r| r["type"] == "session_start" && r["target"] == "echo");
+    assert_eq!(start["caller"]["uid"], 0);
+    assert!(start["caller"]["cgroup"].as_str().unwrap().ends_with("/ci"), "{start}");
+    assert!(start["caller"]["exe"].as_str().unwrap().ends_with("tcp-client"), "{start}");
+    assert_eq!(start["caller"]["scope"], "ci");
+    assert_eq!(start["role"], "builder");
+    assert_eq!(start["orig_dst"], "127.0.0.53:7000");
+
+    // An unguarded process is untouched: 127.0.0.53:7000 has no listener.
+    let direct = std::net::TcpStream::connect("127.0.0.53:7000");
+    assert!(direct.is_err(), "outside the scope nothing is redirected");
+    let direct = std::net::TcpStream::connect(f.echo.addr);
+    assert!(direct.is_ok());
+}
+
+#[test]
+fn role_without_access_is_refused_and_recorded() {
+    let Some(f) = fixture() else { return };
+    let r = f.agent.tcp_client("guest", &["tcp", "127.0.0.53:7000", "hello"]);
+    // The kernel redirect succeeds, then the enforcer closes without relaying.
+    assert_eq!(r["reply"], "", "denied caller gets no data: {r}");
+    assert_eq!(f.echo.count(), 0, "nothing reached the upstream");
+    let d = f.agent.wait_audit("denial", |r| r["type"] == "decision" && r["decision"]["verdict"] == "deny");
+    assert!(d["decision"]["reason"].as_str().unwrap().contains("no rule for target echo"), "{d}");
+    let line = f.agent.wait_log("verdict=deny");
+    assert!(line.contains("uid=0"), "{line}");
+    assert!(line.contains("exe=") && line.contains("tcp-client"), "{line}");
+    assert!(line.contains("cgroup=") && line.contains("/guest"), "{line}");
+}
+
+#[test]
+fn ipv6_and_v4_mapped_destinations_are_intercepted() {
+    let Some(f) = fixture() else { return };
+    let r = f.agent.tcp_client("ci", &["tcp", "[::1]:7001", "six"]);
+    assert_eq!(r["reply"], "echo:six", "{r}");
+    assert_eq!(r["peer"], "[::1]:7001", "{r}");
+    assert_eq!(f.echo6.count(), 1);
+
+    // An IPv6 socket asking for the v4-mapped form of an IPv4 target.
+    let r = f.agent.tcp_client("ci", &["tcp", "[::ffff:127.0.0.53]:7000", "mapped"]);
+    assert_eq!(r["reply"], "echo:mapped", "{r}");
+    assert_eq!(r["peer"], "[::ffff:127.0.0.53]:7000", "{r}");
+    assert_eq!(f.echo.count(), 1);
+}
+
+#[test]
+fn egress_deny_blocks_undeclared_destinations_but_not_exceptions() {
+    let Some(f) = fixture() else { return };
+    // Undeclared TCP port: EPERM at connect, recorded.
+    let blocked = EchoServer::start("127.0.0.1:0");
+    let r = f.agent.tcp_client("ci", &["tcp", &blocked.addr.to_string(), "x"]);
+    assert_eq!(r["connected"], false, "{r}");
+    assert_eq!(r["errno"], libc::EPERM, "{r}");
+    assert_eq!(blocked.count(), 0);
+    let k = f.agent.wait_audit("kernel refusal", |r| r["type"] == "kernel_refusal" && r["kind"] == "egress_denied");
+    assert_eq!(k["dst"], blocked.addr.to_string());
+    assert_eq!(k["caller"]["scope"], "ci");
+
+    // The listed TCP exception works.
+    let r = f.agent.tcp_client("ci", &["tcp", &f.other.addr.to_string(), "ok"]);
+    assert_eq!(r["reply"], "echo:ok", "{r}");
+
+    // UDP: the listed resolver is reachable, another port is not.
+    let r = f.agent.tcp_client("ci", &["udp", "127.0.0.53:53"]);
+    assert_eq!(r["sent"], true, "{r}");
+    let r = f.agent.tcp_client("ci", &["udp", "127.0.0.53:54"]);
+    assert_eq!(r["sent"], false, "{r}");
+    assert_eq!(r["errno"], libc::EPERM);
+
+    // UDP to a declared target's address is refused even where egress is
+    // allowed: targets are reachable only through the enforcer.
+    let r = f.agent.tcp_client("guest", &["udp", "127.0.0.53:7000"]);
+    assert_eq!(r["sent"], false, "{r}");
+
+    // The guest scope has egress allow: undeclared destinations pass.
+    let r = f.agent.tcp_client("guest", &["tcp", &blocked.addr.to_string(), "free"]);
+    assert_eq!(r["reply"], "echo:free", "{r}");
+}
+
+#[test]
+fn kill_9_fails_closed_and_restart_adopts_the_pinned_probes() {
+    let Some(mut f) = fixture() else { return };
+    let r = f.agent.tcp_client("ci", &["tcp", "127.0.0.53:7000", "before"]);
+    assert_eq!(r["reply"], "echo:before", "{r}");
+
+    f.agent.kill9();
+    // Probes stay pinned: the connect is still steered to the (now closed)
+    // enforcer port and refused, never let through to the upstream.
+    let r = f.agent.tcp_client_raw("ci", &["tcp", "127.0.0.53:7000", "during"]);
+    assert_eq!(r["connected"], false, "{r}");
+    assert_eq!(f.echo.count(), 1);
+
+    f.agent.restart();
+    let r = f.agent.tcp_client("ci", &["tcp", "127.0.0.53:7000", "after"]);
+    assert_eq!(r["reply"], "echo:after", "{r}");
+    assert_eq!(f.echo.count(), 2);
+}
+
+#[test]
+fn unguarded_process_dialling_the_enforcer_gets_nothing() {
+    let Some(f) = fixture() else { return };
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", f.agent.port)).expect("listener is up");
+    let _ = s.write_all(b"hello");
+    let mut buf = Vec::new();
+    let n = s.read_to_end(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "no byte comes back");
+    let u = f.agent.wait_audit("unattributed", |r| r["type"] == "unattributed");
+    assert!(u["reason"].as_str().unwrap().contains("no kernel record"));
+
+    // From inside a guarded scope the enforcer's port is refused outright.
+    let r = f.agent.tcp_client("guest", &["tcp", &format!("127.0.0.1:{}", f.agent.port), "x"]);
+    assert_eq!(r["connected"], false, "{r}");
+    assert_eq!(r["errno"], libc::EPERM, "{r}");
+    f.agent.wait_audit("enforcer direct", |r| r["type"] == "kernel_refusal" && r["kind"] == "enforcer_port_direct");
+}
+
+#[test]
+fn reload_applies_good_policies_and_keeps_the_old_one_on_errors() {
+    let Some(f) = fixture() else { return };
+    let good = policy(&f.echo, &f.echo6, f.other.addr.port());
+    // A broken file: the running policy stays, the errors are logged.
+    let broken = good.replace(
+        "protocol = \"tcp\"\nmatch = [\"127.0.0.53:7000\"]",
+        "protocol = \"tcpx\"\nmatch = [\"127.0.0.53:7000\"]",
+    );
+    assert_ne!(broken, good);
+    let log = f.agent.replace_policy(&broken).expect_err("broken policy must be refused");
+    assert!(log.contains("unknown protocol `tcpx`"), "{log}");
+    let r = f.agent.tcp_client("ci", &["tcp", "127.0.0.53:7000", "still"]);
+    assert_eq!(r["reply"], "echo:still", "old policy in force: {r}");
+    f.agent.wait_audit("rejected", |r| r["type"] == "policy_rejected");
+
+    // A good change takes effect: ci loses its rule for echo.
+    let revoked = good.replace("[[roles.rules]]\ntarget = \"echo\"\nallow = [\"connect\"]\n", "");
+    assert_ne!(revoked, good);
+    f.agent.replace_policy(&revoked).expect("valid policy reloads");
+    let r = f.agent.tcp_client("ci", &["tcp", "127.0.0.53:7000", "nope"]);
+    assert_eq!(r["reply"], "", "{r}");
+}
+
+#[test]
+fn upstream_down_closes_the_callers_connection_and_is_recorded() {
+    if !require_root() {
+        return;
+    }
+    let dead = portcullis_tests::free_port();
+    let p = format!(
+        "version = 1\n[[scopes]]\nname = \"ci\"\ncgroup = \"@CG@/ci\"\n[[targets]]\nname = \"down\"\nprotocol = \"tcp\"\nmatch = [\"127.0.0.53:7002\"]\nupstream = \"127.0.0.1:{dead}\"\n[[roles]]\nname = \"r\"\n[[roles.rules]]\ntarget = \"down\"\nallow = [\"connect\"]\n[[bindings]]\nscope = \"ci\"\nrole = \"r\"\n"
+    );
+    let agent = Agent::start(&p);
+    let r = agent.tcp_client("ci", &["tcp", "127.0.0.53:7002", "x"]);
+    assert_eq!(r["reply"], "", "{r}");
+    let end = agent.wait_audit("session end", |r| r["type"] == "session_end");
+    assert!(end["reason"].as_str().unwrap().contains("upstream connect failed"), "{end}");
+}
+
+trait RawClient {
+    fn tcp_client_raw(&self, scope: &str, args: &[&str]) -> serde_json::Value;
+}
+
+impl RawClient for Agent {
+    /// Like `tcp_client`, but enters the scope's cgroup directly: with the
+    /// agent down, `portcullis exec` cannot ask it where the scope is.
+    fn tcp_client_raw(&self, scope: &str, args: &[&str]) -> serde_json::Value {
+        let dir = self.cgroup_dir(&format!("@CG@/{scope}"));
+        let client = portcullis_tests::helper_bin("tcp-client");
+        let procs = dir.join("cgroup.procs");
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo $$ > {} && exec {} \"$@\"", procs.display(), client.display()))
+            .arg("sh")
+            .args(args)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)))
+    }
+}

@@ -1,0 +1,17 @@
+//! Benchmarks. Each compares the same work direct and through portcullis
+//! (and through the tool a user would otherwise pick) in one run, and prints
+//! ratios to direct.
+use anyhow::{bail, Result};
+
+pub fn run(which: &str) -> Result<()> {
+    const ALL: &[&str] = &[];
+    match which {
+        "all" => {
+            for b in ALL {
+                run(b)?;
+            }
+            Ok(())
+        }
+        other => bail!("unknown benchmark `{other}` (available: {})", ALL.join(", ")),
+    }
+}
