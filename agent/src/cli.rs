@@ -50,6 +50,19 @@ pub enum Command {
     /// Validate a policy or explain a decision.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// The local certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Print the local CA certificate (PEM) for a trust store; creates the CA
+    /// if portcullis has not yet.
+    Export {
+        #[arg(long, env = "PORTCULLIS_STATE_DIR", default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -177,6 +190,11 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(if failed { 2 } else { 0 })
         }
         Command::Policy(PolicyCommand::Explain(a)) => explain(a).await,
+        Command::Ca(CaCommand::Export { state_dir }) => {
+            let ca = crate::tls::LocalCa::load_or_create(&state_dir)?;
+            print!("{}", ca.cert_pem());
+            Ok(0)
+        }
     }
 }
 

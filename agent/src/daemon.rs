@@ -28,6 +28,7 @@ use crate::{
         probes::{ApplyReport, Probes},
     },
     policy::{self, Policy, ScopeLocation},
+    tls::LocalCa,
 };
 
 struct Daemon {
@@ -91,7 +92,8 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     let settings = Settings { listen_port: port, mark: config.mark };
     audit.record(Event::AgentStart { version: env!("CARGO_PKG_VERSION").into(), listen_port: port });
     audit.record(Event::PolicyLoaded { source: source_name(&policy), digest: policy.digest.clone() });
-    let enforcer = Arc::new(Enforcer::new(policy, audit.clone(), resolver, conns, settings));
+    let ca = Arc::new(LocalCa::load_or_create(&config.state_dir).map_err(|e| Error::Other(format!("local CA: {e}")))?);
+    let enforcer = Arc::new(Enforcer::new(policy, audit.clone(), resolver, conns, settings, ca));
 
     let daemon = Arc::new(Daemon {
         enforcer: enforcer.clone(),

@@ -15,6 +15,7 @@ use crate::{
     ids::{OrigDst, SessionId},
     intercept::{cgroup::CgroupResolver, probes::ConnTable},
     policy::Policy,
+    tls::LocalCa,
 };
 
 /// Settings fixed for the life of the process.
@@ -31,6 +32,8 @@ pub struct Enforcer {
     pub cgroups: CgroupResolver,
     pub conns: ConnTable,
     pub settings: Settings,
+    /// Mints the certificates presented to callers that speak TLS.
+    pub ca: Arc<LocalCa>,
     pub stats: Stats,
     live: Mutex<BTreeMap<SessionId, LiveSession>>,
 }
@@ -42,6 +45,7 @@ impl Enforcer {
         cgroups: CgroupResolver,
         conns: ConnTable,
         settings: Settings,
+        ca: Arc<LocalCa>,
     ) -> Enforcer {
         Enforcer {
             policy: RwLock::new(Arc::new(policy)),
@@ -49,6 +53,7 @@ impl Enforcer {
             cgroups,
             conns,
             settings,
+            ca,
             stats: Stats::default(),
             live: Mutex::new(BTreeMap::new()),
         }

@@ -17,3 +17,4 @@ pub mod ids;
 pub mod intercept;
 pub mod policy;
 pub mod protocols;
+pub mod tls;
