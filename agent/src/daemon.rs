@@ -16,6 +16,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    approvals::{notify::Notifier, Approvals},
     audit::{Audit, Event},
     config::{embedded_object, RunConfig},
     control::{self, StatusSource},
@@ -93,7 +94,8 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     audit.record(Event::AgentStart { version: env!("CARGO_PKG_VERSION").into(), listen_port: port });
     audit.record(Event::PolicyLoaded { source: source_name(&policy), digest: policy.digest.clone() });
     let ca = Arc::new(LocalCa::load_or_create(&config.state_dir).map_err(|e| Error::Other(format!("local CA: {e}")))?);
-    let enforcer = Arc::new(Enforcer::new(policy, audit.clone(), resolver, conns, settings, ca));
+    let approvals = Arc::new(Approvals::new(audit.clone(), notifier_for(&policy)));
+    let enforcer = Arc::new(Enforcer::new(policy, audit.clone(), resolver, conns, settings, ca, approvals));
 
     let daemon = Arc::new(Daemon {
         enforcer: enforcer.clone(),
@@ -104,7 +106,7 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         started_ms: crate::audit::now_ms(),
     });
 
-    let control = control::bind(&config.control_socket)?;
+    let control = control::bind(&config.control_socket, config.control_group)?;
     tokio::spawn(control::serve(control, enforcer.clone(), daemon.clone() as Arc<dyn StatusSource>));
     tokio::spawn(events::run(ring, enforcer.clone()));
     tokio::spawn(intercept::serve(v4, enforcer.clone()));
@@ -133,6 +135,18 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
     sock.set_reuseaddr(true).map_err(|source| Error::Io { what: "socket", path: addr.to_string().into(), source })?;
     sock.bind(addr).map_err(|source| Error::Io { what: "cannot listen on", path: addr.to_string().into(), source })?;
     sock.listen(4096).map_err(|source| Error::Io { what: "cannot listen on", path: addr.to_string().into(), source })
+}
+
+/// The webhook of the policy's `[approvals]` section (validated at load).
+fn notifier_for(p: &Policy) -> Notifier {
+    match p.approvals.webhook.as_deref().map(Notifier::new) {
+        Some(Ok(n)) => n,
+        Some(Err(e)) => {
+            warn!(error = %e, "approval webhook disabled");
+            Notifier::disabled()
+        }
+        None => Notifier::disabled(),
+    }
 }
 
 fn source_name(p: &Policy) -> String {
@@ -267,6 +281,14 @@ impl StatusSource for Daemon {
             "connections": self.enforcer.live_sessions(),
             "counters": self.enforcer.stats.snapshot(),
         })
+    }
+
+    fn guarded_cgroups(&self) -> Vec<u64> {
+        self.probes.lock().expect("probes lock").attached().keys().copied().collect()
+    }
+
+    fn cgroup_mount(&self) -> PathBuf {
+        self.mount.clone()
     }
 
     fn scope_cgroup(&self, name: &str) -> Option<PathBuf> {

@@ -11,6 +11,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    approvals::Approvals,
     audit::Audit,
     ids::{OrigDst, SessionId},
     intercept::{cgroup::CgroupResolver, probes::ConnTable},
@@ -34,6 +35,8 @@ pub struct Enforcer {
     pub settings: Settings,
     /// Mints the certificates presented to callers that speak TLS.
     pub ca: Arc<LocalCa>,
+    /// Requests held for a human's approval.
+    pub approvals: Arc<Approvals>,
     pub stats: Stats,
     live: Mutex<BTreeMap<SessionId, LiveSession>>,
 }
@@ -46,6 +49,7 @@ impl Enforcer {
         conns: ConnTable,
         settings: Settings,
         ca: Arc<LocalCa>,
+        approvals: Arc<Approvals>,
     ) -> Enforcer {
         Enforcer {
             policy: RwLock::new(Arc::new(policy)),
@@ -54,6 +58,7 @@ impl Enforcer {
             conns,
             settings,
             ca,
+            approvals,
             stats: Stats::default(),
             live: Mutex::new(BTreeMap::new()),
         }
@@ -75,6 +80,7 @@ impl Enforcer {
 
     pub fn session_closed(&self, id: SessionId) {
         self.live.lock().expect("live lock").remove(&id);
+        self.approvals.session_closed(id);
     }
 
     pub fn live_sessions(&self) -> Vec<LiveSession> {

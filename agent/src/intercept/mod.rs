@@ -99,16 +99,6 @@ async fn handle(enforcer: Arc<Enforcer>, stream: TcpStream, peer: SocketAddr) {
     } else {
         (decide_session(&policy, role.as_deref(), &target), RequestInfo::Session)
     };
-    let decision = if decision.verdict == Verdict::Approve {
-        // An opaque connection cannot be held at this layer: fail closed.
-        Decision {
-            verdict: Verdict::Deny,
-            reason: format!("{} (approval is not available for a whole connection)", decision.reason),
-            ..decision
-        }
-    } else {
-        decision
-    };
     drop(policy);
 
     info!(session = %id, target = %target.name, protocol = %target.protocol, orig_dst = %orig_dst,
@@ -138,7 +128,9 @@ async fn handle(enforcer: Arc<Enforcer>, stream: TcpStream, peer: SocketAddr) {
             enforcer.audit.record(decision_event);
         }
     } else {
-        Stats::inc(&enforcer.stats.denied);
+        if decision.verdict == Verdict::Deny {
+            Stats::inc(&enforcer.stats.denied);
+        }
         enforcer.audit.record(decision_event);
     }
 

@@ -15,6 +15,7 @@ fn main() {
     let msg = args.get(3).cloned();
     let out = match mode {
         "udp" => udp(addr, msg.as_deref().unwrap_or("ping")),
+        "line" => line(addr, msg.as_deref().unwrap_or("ping")),
         _ => tcp(addr, msg.as_deref()),
     };
     println!("{out}");
@@ -41,6 +42,24 @@ fn tcp(addr: SocketAddr, msg: Option<&str>) -> serde_json::Value {
         }
     }
     serde_json::json!({"connected": true, "peer": peer, "reply": reply, "error": error})
+}
+
+/// Sends one line and reads one line back without half-closing first (a
+/// caller that keeps its connection open while it waits).
+fn line(addr: SocketAddr, msg: &str) -> serde_json::Value {
+    use std::io::BufRead;
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => return serde_json::json!({"connected": false, "error": e.to_string(), "errno": e.raw_os_error()}),
+    };
+    let timeout = std::env::var("TCP_CLIENT_TIMEOUT_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(timeout)));
+    if let Err(e) = s.write_all(format!("{msg}\n").as_bytes()) {
+        return serde_json::json!({"connected": true, "reply": "", "error": e.to_string()});
+    }
+    let mut reply = String::new();
+    let r = std::io::BufReader::new(&s).read_line(&mut reply);
+    serde_json::json!({"connected": true, "reply": reply.trim_end(), "error": r.err().map(|e| e.to_string())})
 }
 
 fn udp(addr: SocketAddr, msg: &str) -> serde_json::Value {
