@@ -133,7 +133,7 @@ pub struct PendingView {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum WatchEvent {
-    Held(PendingView),
+    Held(Box<PendingView>),
     Resolved { id: ApprovalId, outcome: Outcome },
 }
 
@@ -230,7 +230,7 @@ impl Approvals {
         });
         let view = PendingView { id, request: req.clone(), requested_ms: now, expires_ms };
         self.notifier.read().expect("notifier").notify(&view, self.audit.clone());
-        let _ = self.watch.send(WatchEvent::Held(view.clone()));
+        let _ = self.watch.send(WatchEvent::Held(Box::new(view.clone())));
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending").insert(id, Pending { view, answer: tx });
         Ticket { id, expires_ms, wait: TicketWait::Pending { rx, timeout: req.timeout } }
