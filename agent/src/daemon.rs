@@ -226,6 +226,10 @@ async fn reload(daemon: &Arc<Daemon>, path: &Path) {
                 .record(Event::PolicyLoaded { source: path.display().to_string(), digest: new.digest.clone() });
             enforcer.set_policy(new);
             *daemon.report.lock().expect("report lock") = report;
+            let revoked = enforcer.revalidate();
+            if revoked > 0 {
+                info!(revoked, "open sessions the new policy no longer admits were closed");
+            }
         }
         Ok(Err(e)) => {
             Stats::inc(&enforcer.stats.reload_failures);

@@ -9,6 +9,7 @@ use std::{
 };
 
 use serde::Serialize;
+use tokio::sync::oneshot;
 
 use crate::{
     approvals::Approvals,
@@ -38,7 +39,7 @@ pub struct Enforcer {
     /// Requests held for a human's approval.
     pub approvals: Arc<Approvals>,
     pub stats: Stats,
-    live: Mutex<BTreeMap<SessionId, LiveSession>>,
+    live: Mutex<BTreeMap<SessionId, (LiveSession, Option<oneshot::Sender<String>>)>>,
 }
 
 impl Enforcer {
@@ -74,8 +75,12 @@ impl Enforcer {
         *self.policy.write().expect("policy lock") = Arc::new(p);
     }
 
-    pub fn session_opened(&self, s: LiveSession) {
-        self.live.lock().expect("live lock").insert(s.session, s);
+    /// Registers a session; the receiver fires if a policy change revokes
+    /// the session's right to exist (see `revalidate`).
+    pub fn session_opened(&self, s: LiveSession) -> oneshot::Receiver<String> {
+        let (tx, rx) = oneshot::channel();
+        self.live.lock().expect("live lock").insert(s.session, (s, Some(tx)));
+        rx
     }
 
     pub fn session_closed(&self, id: SessionId) {
@@ -84,7 +89,27 @@ impl Enforcer {
     }
 
     pub fn live_sessions(&self) -> Vec<LiveSession> {
-        self.live.lock().expect("live lock").values().cloned().collect()
+        self.live.lock().expect("live lock").values().map(|(s, _)| s.clone()).collect()
+    }
+
+    /// Re-decides every open session under the policy now in force and
+    /// ends those it no longer admits: a connection opened before a policy
+    /// change cannot outlive the access it was opened with. Returns how
+    /// many were revoked.
+    pub fn revalidate(&self) -> usize {
+        let policy = self.policy();
+        let mut live = self.live.lock().expect("live lock");
+        let mut revoked = 0;
+        for (s, revoke) in live.values_mut() {
+            let Some(reason) = crate::policy::revalidate(&policy, &s.subject, s.orig_dst.0, s.approved) else {
+                continue;
+            };
+            if let Some(tx) = revoke.take() {
+                let _ = tx.send(reason);
+                revoked += 1;
+            }
+        }
+        revoked
     }
 }
 
@@ -100,6 +125,12 @@ pub struct LiveSession {
     pub comm: String,
     pub unit: Option<String>,
     pub since_ms: u64,
+    #[serde(skip)]
+    pub subject: crate::policy::Subject,
+    /// The session was admitted by a human's approval (its rule says
+    /// `approve`), which a reload keeps as long as the rule still does.
+    #[serde(skip)]
+    pub approved: bool,
 }
 
 #[derive(Debug, Default)]

@@ -144,10 +144,18 @@ async fn handle(enforcer: Arc<Enforcer>, stream: TcpStream, peer: SocketAddr) {
         comm: caller.comm.clone(),
         unit: caller.unit.clone(),
         since_ms: crate::audit::now_ms(),
+        subject,
+        approved: decision.verdict == Verdict::Approve,
     };
-    enforcer.session_opened(live);
+    let revoked = enforcer.session_opened(live);
     let session = Session { id, caller, orig_dst, target, role, enforcer: enforcer.clone() };
-    let outcome = protocols::serve(&session, stream, decision).await;
+    let outcome = tokio::select! {
+        o = protocols::serve(&session, stream, decision) => o,
+        Ok(why) = revoked => {
+            warn!(session = %id, reason = %why, "session revoked by a policy change");
+            protocols::Outcome::reason(format!("revoked by policy change: {why}"))
+        }
+    };
     enforcer.session_closed(id);
     info!(session = %id, reason = %outcome.reason, bytes_up = outcome.bytes_up, bytes_down = outcome.bytes_down, "session end");
     enforcer.audit.record(Event::SessionEnd {

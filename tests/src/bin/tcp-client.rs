@@ -16,6 +16,7 @@ fn main() {
     let out = match mode {
         "udp" => udp(addr, msg.as_deref().unwrap_or("ping")),
         "line" => line(addr, msg.as_deref().unwrap_or("ping")),
+        "interactive" => interactive(addr),
         _ => tcp(addr, msg.as_deref()),
     };
     println!("{out}");
@@ -60,6 +61,31 @@ fn line(addr: SocketAddr, msg: &str) -> serde_json::Value {
     let mut reply = String::new();
     let r = std::io::BufReader::new(&s).read_line(&mut reply);
     serde_json::json!({"connected": true, "reply": reply.trim_end(), "error": r.err().map(|e| e.to_string())})
+}
+
+/// One connection, kept open: each stdin line is sent and the reply line
+/// printed as JSON, until stdin ends or the connection fails.
+fn interactive(addr: SocketAddr) -> serde_json::Value {
+    use std::io::BufRead;
+    let s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => return serde_json::json!({"connected": false, "error": e.to_string()}),
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut w = s.try_clone().unwrap();
+    let mut r = std::io::BufReader::new(s);
+    println!("{}", serde_json::json!({"connected": true}));
+    for msg in std::io::stdin().lock().lines().map_while(Result::ok) {
+        let sent = w.write_all(format!("{msg}\n").as_bytes());
+        let mut reply = String::new();
+        let read = r.read_line(&mut reply);
+        let closed = matches!(read, Ok(0)) || read.is_err() || sent.is_err();
+        println!("{}", serde_json::json!({"reply": reply.trim_end(), "closed": closed}));
+        if closed {
+            break;
+        }
+    }
+    serde_json::json!({"done": true})
 }
 
 fn udp(addr: SocketAddr, msg: &str) -> serde_json::Value {
