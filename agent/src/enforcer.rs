@@ -39,7 +39,13 @@ pub struct Enforcer {
     /// Requests held for a human's approval.
     pub approvals: Arc<Approvals>,
     pub stats: Stats,
-    live: Mutex<BTreeMap<SessionId, (LiveSession, Option<oneshot::Sender<String>>)>>,
+    live: Mutex<BTreeMap<SessionId, LiveEntry>>,
+}
+
+struct LiveEntry {
+    info: LiveSession,
+    /// Ends the session when a reload revokes it (taken once used).
+    revoke: Option<oneshot::Sender<String>>,
 }
 
 impl Enforcer {
@@ -79,7 +85,7 @@ impl Enforcer {
     /// the session's right to exist (see `revalidate`).
     pub fn session_opened(&self, s: LiveSession) -> oneshot::Receiver<String> {
         let (tx, rx) = oneshot::channel();
-        self.live.lock().expect("live lock").insert(s.session, (s, Some(tx)));
+        self.live.lock().expect("live lock").insert(s.session, LiveEntry { info: s, revoke: Some(tx) });
         rx
     }
 
@@ -89,7 +95,7 @@ impl Enforcer {
     }
 
     pub fn live_sessions(&self) -> Vec<LiveSession> {
-        self.live.lock().expect("live lock").values().map(|(s, _)| s.clone()).collect()
+        self.live.lock().expect("live lock").values().map(|e| e.info.clone()).collect()
     }
 
     /// Re-decides every open session under the policy now in force and
@@ -100,11 +106,12 @@ impl Enforcer {
         let policy = self.policy();
         let mut live = self.live.lock().expect("live lock");
         let mut revoked = 0;
-        for (s, revoke) in live.values_mut() {
+        for e in live.values_mut() {
+            let s = &e.info;
             let Some(reason) = crate::policy::revalidate(&policy, &s.subject, s.orig_dst.0, s.approved) else {
                 continue;
             };
-            if let Some(tx) = revoke.take() {
+            if let Some(tx) = e.revoke.take() {
                 let _ = tx.send(reason);
                 revoked += 1;
             }
