@@ -306,16 +306,8 @@ async fn exec(socket: &Path, a: ExecArgs) -> anyhow::Result<i32> {
     cmd.args(&a.command[1..]);
     if let Some(user) = &a.user {
         let (uid, gid) = lookup_user(user)?;
+        // std drops supplementary groups (setgroups) when it changes uid.
         cmd.uid(uid).gid(gid);
-        // Drop supplementary groups too.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setgroups(1, &gid) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
     }
     let err = cmd.exec();
     anyhow::bail!("cannot run {:?}: {err}", a.command[0])

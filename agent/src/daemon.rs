@@ -59,6 +59,13 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         path: "/proc/self/mountinfo".into(),
         source,
     })?;
+    // The state directory holds the audit log and the CA key: root only.
+    std::fs::create_dir_all(&config.state_dir)
+        .and_then(|_| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
+        })
+        .map_err(|source| Error::Io { what: "state directory", path: config.state_dir.clone(), source })?;
     let audit = Audit::open(&config.state_dir.join("audit"))?;
 
     // Listen before the probes point at us, so no redirected connect meets

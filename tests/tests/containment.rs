@@ -1,0 +1,135 @@
+//! An agent trying to get around portcullis: each attempt ends refused (and,
+//! where the kernel or the enforcer sees it, recorded).
+use portcullis_tests::{require_root, servers::EchoServer, Agent};
+
+const SECRET: &str = "s3cr3t-upstream-password-7f1c";
+
+fn agent(echo: &EchoServer) -> Agent {
+    let p = format!(
+        r#"version = 1
+[[scopes]]
+name = "ci"
+cgroup = "@CG@/ci"
+egress = "deny"
+
+[[targets]]
+name = "svc"
+protocol = "tcp"
+match = ["127.0.0.53:7200"]
+upstream = "{}"
+[targets.credentials]
+password = {{ env = "SVC_PASSWORD" }}
+
+[[roles]]
+name = "r"
+[[roles.rules]]
+target = "svc"
+allow = ["connect"]
+
+[[bindings]]
+scope = "ci"
+role = "r"
+"#,
+        echo.addr
+    );
+    Agent::start_with_env(&p, &[("SVC_PASSWORD", SECRET)])
+}
+
+fn sh_as_nobody(agent: &Agent, script: &str) -> std::process::Output {
+    agent.exec_as("ci", "nobody", &["sh", "-c", script]).output().unwrap()
+}
+
+#[test]
+fn a_guarded_non_root_process_cannot_leave_its_cgroup() {
+    if !require_root() {
+        return;
+    }
+    let echo = EchoServer::start("127.0.0.1:0");
+    let agent = agent(&echo);
+    let root_procs = portcullis_tests::cgroup2_mount().join("cgroup.procs");
+    let other = agent.cgroup_dir("@CG@");
+    for dest in [root_procs, other.join("cgroup.procs")] {
+        let out = sh_as_nobody(&agent, &format!("echo $$ > {} && echo moved", dest.display()));
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("moved"), "moved to {}", dest.display());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{out:?}");
+    }
+    // Still guarded afterwards: an undeclared destination is refused.
+    let r = agent.tcp_client("ci", &["tcp", &echo.addr.to_string(), "x"]);
+    assert_eq!(r["errno"], libc::EPERM, "{r}");
+}
+
+#[test]
+fn a_guarded_non_root_process_cannot_reach_the_credentials() {
+    if !require_root() {
+        return;
+    }
+    let echo = EchoServer::start("127.0.0.1:0");
+    let agent = agent(&echo);
+    let pid = agent.pid().unwrap();
+    let state = agent.state_dir();
+    let attempts = [
+        // Its own environment does not hold the secret.
+        "env".to_string(),
+        // portcullis' environment, memory and command line.
+        format!("cat /proc/{pid}/environ"),
+        format!("head -c 4096 /proc/{pid}/mem"),
+        // The state directory (audit log, CA key).
+        format!("cat {}/ca/ca.key", state.display()),
+        format!("ls {}", state.display()),
+        format!("cat {}/audit/*", state.display()),
+    ];
+    for cmd in &attempts {
+        let out = sh_as_nobody(&agent, cmd);
+        let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!all.contains(SECRET), "`{cmd}` revealed the secret");
+        if cmd != "env" {
+            assert!(!out.status.success(), "`{cmd}` should fail: {all}");
+        }
+    }
+    // The control socket is root-only.
+    let bin = portcullis_tests::portcullis_bin();
+    let out = agent
+        .exec_as(
+            "ci",
+            "nobody",
+            &[bin.to_str().unwrap(), "--control-socket", agent.control.to_str().unwrap(), "status"],
+        )
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{out:?}");
+    // Nor is the secret in the audit log.
+    assert!(!serde_json::to_string(&agent.audit()).unwrap().contains(SECRET));
+}
+
+#[test]
+fn other_families_forms_and_transports_to_a_target_are_refused() {
+    if !require_root() {
+        return;
+    }
+    let echo = EchoServer::start("127.0.0.1:0");
+    let agent = agent(&echo);
+    // The declared form goes through portcullis.
+    let r = agent.tcp_client("ci", &["tcp", "127.0.0.53:7200", "ok"]);
+    assert_eq!(r["reply"], "echo:ok", "{r}");
+    // The v4-mapped form of the same target also goes through portcullis
+    // (it cannot be used to reach the address directly).
+    let r = agent.tcp_client("ci", &["tcp", "[::ffff:127.0.0.53]:7200", "mapped"]);
+    assert_eq!(r["reply"], "echo:mapped", "{r}");
+    // UDP to the target's port.
+    let r = agent.tcp_client("ci", &["udp", "127.0.0.53:7200"]);
+    assert_eq!(r["sent"], false, "{r}");
+    // The upstream itself, directly, under egress deny.
+    let r = agent.tcp_client("ci", &["tcp", &echo.addr.to_string(), "direct"]);
+    assert_eq!(r["errno"], libc::EPERM, "{r}");
+    let r = agent.tcp_client("ci", &["tcp", &format!("[::ffff:127.0.0.1]:{}", echo.addr.port()), "mapped-direct"]);
+    assert_eq!(r["errno"], libc::EPERM, "{r}");
+    // The enforcer's port.
+    let r = agent.tcp_client("ci", &["tcp", &format!("127.0.0.1:{}", agent.port), "x"]);
+    assert_eq!(r["errno"], libc::EPERM, "{r}");
+    let r = agent.tcp_client("ci", &["tcp", &format!("[::1]:{}", agent.port), "x"]);
+    assert_eq!(r["errno"], libc::EPERM, "{r}");
+    assert_eq!(echo.count(), 2, "only the two proxied connections reached the upstream");
+    let refusals = agent.audit().into_iter().filter(|r| r["type"] == "kernel_refusal").count();
+    assert!(refusals >= 5, "each refusal is recorded ({refusals})");
+}
