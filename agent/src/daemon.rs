@@ -42,6 +42,7 @@ struct Daemon {
 }
 
 pub async fn run(config: RunConfig) -> Result<(), Error> {
+    raise_nofile_limit();
     let policy = match &config.policy {
         Some(p) => {
             let path = p.clone();
@@ -134,6 +135,19 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     info!(reason, "stopping; probes stay pinned, so guarded connects to targets are refused until portcullis is back");
     let _ = audit.record_durable(Event::AgentStop { reason: reason.into() }).await;
     Ok(())
+}
+
+/// Each guarded connection costs two descriptors (caller and upstream):
+/// lift the soft limit to the hard one.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+            }
+        }
+    }
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {

@@ -133,3 +133,26 @@ fn other_families_forms_and_transports_to_a_target_are_refused() {
     let refusals = agent.audit().into_iter().filter(|r| r["type"] == "kernel_refusal").count();
     assert!(refusals >= 5, "each refusal is recorded ({refusals})");
 }
+
+#[test]
+fn a_thousand_concurrent_guarded_connections_all_go_through() {
+    if !require_root() {
+        return;
+    }
+    let up = portcullis_tests::servers::LineEchoServer::start("127.0.0.1:0");
+    let p = format!(
+        "version = 1\n[[scopes]]\nname = \"ci\"\ncgroup = \"@CG@/ci\"\n[[targets]]\nname = \"svc\"\nprotocol = \"tcp\"\nmatch = [\"127.0.0.53:7201\"]\nupstream = \"{}\"\n[[roles]]\nname = \"r\"\n[[roles.rules]]\ntarget = \"svc\"\nallow = [\"connect\"]\n[[bindings]]\nscope = \"ci\"\nrole = \"r\"\n",
+        up.addr
+    );
+    let agent = Agent::start(&p);
+    let bin = portcullis_tests::helper_bin("many-conns");
+    let out = agent.exec("ci", &[bin.to_str().unwrap(), "127.0.0.53:7201", "1000"]).output().unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(r["opened"], 1000, "{r}");
+    assert_eq!(r["echoed"], 1000, "{r}");
+    assert_eq!(up.count(), 1000);
+    // All 1000 are open at once through the enforcer.
+    let starts = agent.audit().into_iter().filter(|r| r["type"] == "session_start").count();
+    assert_eq!(starts, 1000);
+}
