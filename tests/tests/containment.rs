@@ -156,3 +156,47 @@ fn a_thousand_concurrent_guarded_connections_all_go_through() {
     let starts = agent.audit().into_iter().filter(|r| r["type"] == "session_start").count();
     assert_eq!(starts, 1000);
 }
+
+#[test]
+fn restarting_under_load_never_bypasses_and_loses_no_record() {
+    if !require_root() {
+        return;
+    }
+    let up = portcullis_tests::servers::LineEchoServer::start("127.0.0.1:0");
+    let p = format!(
+        "version = 1\n[[scopes]]\nname = \"ci\"\ncgroup = \"@CG@/ci\"\n[[targets]]\nname = \"svc\"\nprotocol = \"tcp\"\nmatch = [\"127.0.0.53:7202\"]\nupstream = \"{}\"\n[[roles]]\nname = \"r\"\n[[roles.rules]]\ntarget = \"svc\"\nallow = [\"connect\"]\n[[bindings]]\nscope = \"ci\"\nrole = \"r\"\n",
+        up.addr
+    );
+    let mut agent = Agent::start(&p);
+    // The load runs from inside the cgroup directly (not `portcullis exec`,
+    // which needs the agent that is about to be killed).
+    let dir = agent.cgroup_dir("@CG@/ci");
+    let client = portcullis_tests::helper_bin("tcp-client");
+    let load = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo $$ > {}/cgroup.procs && exec {} loop 127.0.0.53:7202 600", dir.display(), client.display()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for _ in 0..3 {
+        agent.kill9();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        agent.restart();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let out = load.wait_with_output().unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ok = r["ok"].as_u64().unwrap();
+    assert!(
+        ok > 0 && r["refused"].as_u64().unwrap() + r["broken"].as_u64().unwrap() > 0,
+        "the restarts hit the load: {r}"
+    );
+    // Every connection that reached the upstream came through portcullis and
+    // had its authorisation on disk first: none bypassed, none unrecorded.
+    let allowed =
+        agent.audit().into_iter().filter(|r| r["type"] == "decision" && r["decision"]["verdict"] == "allow").count()
+            as u64;
+    assert_eq!(up.count(), allowed, "upstream connections = recorded authorisations ({r})");
+    assert!(up.count() >= ok);
+}

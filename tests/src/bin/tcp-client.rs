@@ -17,6 +17,7 @@ fn main() {
         "udp" => udp(addr, msg.as_deref().unwrap_or("ping")),
         "line" => line(addr, msg.as_deref().unwrap_or("ping")),
         "interactive" => interactive(addr),
+        "loop" => repeat(addr, msg.as_deref().and_then(|m| m.parse().ok()).unwrap_or(100)),
         _ => tcp(addr, msg.as_deref()),
     };
     println!("{out}");
@@ -86,6 +87,34 @@ fn interactive(addr: SocketAddr) -> serde_json::Value {
         }
     }
     serde_json::json!({"done": true})
+}
+
+/// `n` sequential connections, each one line echoed; counts what happened.
+fn repeat(addr: SocketAddr, n: usize) -> serde_json::Value {
+    use std::io::BufRead;
+    let (mut ok, mut refused, mut broken) = (0, 0, 0);
+    for i in 0..n {
+        let s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            Ok(s) => s,
+            Err(_) => {
+                refused += 1;
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut w = &s;
+        let mut line = String::new();
+        let good = w.write_all(format!("n{i}\n").as_bytes()).is_ok()
+            && std::io::BufReader::new(&s).read_line(&mut line).is_ok()
+            && line.trim_end() == format!("echo:n{i}");
+        if good {
+            ok += 1;
+        } else {
+            broken += 1;
+        }
+    }
+    serde_json::json!({"ok": ok, "refused": refused, "broken": broken})
 }
 
 fn udp(addr: SocketAddr, msg: &str) -> serde_json::Value {
