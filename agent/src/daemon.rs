@@ -93,6 +93,7 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     for s in &report.attached {
         info!(scope = %s.scope, cgroup = %s.cgroup, cgroup_id = s.cgroup_id, "guarding");
     }
+    warn_privileged(&mount, &report);
 
     let resolver = CgroupResolver::new(mount.clone());
     for s in &report.attached {
@@ -135,6 +136,18 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     info!(reason, "stopping; probes stay pinned, so guarded connects to targets are refused until portcullis is back");
     let _ = audit.record_durable(Event::AgentStop { reason: reason.into() }).await;
     Ok(())
+}
+
+/// The guard assumes guarded processes lack CAP_SYS_ADMIN, CAP_NET_ADMIN
+/// and CAP_BPF (with them a process can leave its cgroup or remove the
+/// programs): say so loudly when one has them.
+fn warn_privileged(mount: &Path, report: &ApplyReport) {
+    for s in &report.attached {
+        for p in cgroup::privileged_processes(mount, &mount.join(&s.cgroup)) {
+            warn!(scope = %s.scope, pid = p.pid, comm = %p.comm, cgroup = %p.cgroup, caps = ?p.caps,
+                  "a guarded process holds capabilities that let it escape the guard; run it unprivileged");
+        }
+    }
 }
 
 /// Each guarded connection costs two descriptors (caller and upstream):
@@ -247,6 +260,7 @@ async fn reload(daemon: &Arc<Daemon>, path: &Path) {
                 .record(Event::PolicyLoaded { source: path.display().to_string(), digest: new.digest.clone() });
             enforcer.set_policy(new);
             *daemon.report.lock().expect("report lock") = report;
+            warn_privileged(&daemon.mount, &daemon.report.lock().expect("report lock"));
             let revoked = enforcer.revalidate();
             if revoked > 0 {
                 info!(revoked, "open sessions the new policy no longer admits were closed");

@@ -200,3 +200,26 @@ fn restarting_under_load_never_bypasses_and_loses_no_record() {
     assert_eq!(up.count(), allowed, "upstream connections = recorded authorisations ({r})");
     assert!(up.count() >= ok);
 }
+
+#[test]
+fn privileged_guarded_processes_are_reported() {
+    if !require_root() {
+        return;
+    }
+    let echo = EchoServer::start("127.0.0.1:0");
+    let agent = agent(&echo);
+    let mut root = agent.exec("ci", &["sleep", "30"]).spawn().unwrap();
+    let mut user = agent.exec_as("ci", "nobody", &["sleep", "30"]).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Checked at start and at every reload.
+    let text = std::fs::read_to_string(&agent.policy_path).unwrap();
+    agent.replace_policy(&format!("{text}\n# touched\n")).unwrap();
+    let line = agent.wait_log("holds capabilities");
+    assert!(line.contains(&format!("pid={}", root.id())), "{line}");
+    assert!(line.contains("CAP_SYS_ADMIN") && line.contains("CAP_BPF"), "{line}");
+    assert!(!agent.log_text().contains(&format!("pid={} ", user.id())), "an unprivileged process is not reported");
+    let _ = root.kill();
+    let _ = user.kill();
+    let _ = root.wait();
+    let _ = user.wait();
+}
