@@ -57,7 +57,7 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         path: "/proc/self/mountinfo".into(),
         source,
     })?;
-    let audit = Audit::open(&config.state_dir.join("audit"))?;
+    let audit = Audit::open(config.audit.clone())?;
 
     // Listen before the probes point at us, so no redirected connect meets
     // a closed port once we are up.
@@ -264,6 +264,7 @@ impl StatusSource for Daemon {
             "targets": targets,
             "connections": self.enforcer.live_sessions(),
             "counters": self.enforcer.stats.snapshot(),
+            "audit": self.enforcer.audit.status(),
         })
     }
 
