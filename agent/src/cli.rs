@@ -586,6 +586,18 @@ fn print_status(v: &Value) {
             c["unit"].as_str().unwrap_or("")
         );
     }
+    let a = &v["audit"];
+    if !a.is_null() {
+        println!(
+            "audit: {} ({} written, {} queued, {} fsyncs, {} lost, {} write errors)",
+            a["dir"].as_str().unwrap_or("?"),
+            a["written"],
+            a["queued"],
+            a["fsyncs"],
+            a["lost"],
+            a["write_errors"]
+        );
+    }
     println!("counters:");
     if let Some(m) = v["counters"].as_object() {
         for (k, n) in m {

@@ -62,7 +62,7 @@ pub struct LogWriter {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AuditError + '_ {
-    move |source| AuditError::Io { path: path.to_path_buf(), source }
+    move |source| AuditError::Io { path: path.to_path_buf(), error: source }
 }
 
 impl LogWriter {
@@ -268,7 +268,7 @@ impl LogWriter {
         self.sync()?;
         let now = super::now_ms();
         let (file, seg) = create_segment(&self.dir, self.next_seq, self.last_hash, now).map_err(|e| match e {
-            AuditError::Io { source, .. } => source,
+            AuditError::Io { error, .. } => error,
             other => io::Error::other(other.to_string()),
         })?;
         let old = std::mem::replace(&mut self.active, seg);
@@ -349,7 +349,7 @@ fn create_segment(dir: &Path, first_seq: u64, prev_hash: Hash, now_ms: u64) -> R
     };
     if let Err(e) = write() {
         let _ = fs::remove_file(&tmp);
-        return Err(AuditError::Io { path, source: e });
+        return Err(AuditError::Io { path, error: e });
     }
     let file = OpenOptions::new().append(true).open(&path).map_err(io_err(&path))?;
     Ok((file, Segment { path, first_seq, created_ms: now_ms, prev_hash, size: HEADER_LEN as u64 }))

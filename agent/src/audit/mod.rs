@@ -32,10 +32,10 @@ use crate::credentials::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    #[error("audit log {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("audit log {path} is full: {source}")]
-    Full { path: PathBuf, source: io::Error },
+    #[error("audit log {path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
+    #[error("audit log {path} is full: {error}")]
+    Full { path: PathBuf, error: io::Error },
     #[error("audit log {path} is in use by another process")]
     Locked { path: PathBuf },
     #[error("audit log {path} is damaged: {reason}")]
@@ -73,9 +73,9 @@ impl Failure {
             None => io::Error::new(self.kind, self.message),
         };
         if full {
-            AuditError::Full { path: path.into(), source }
+            AuditError::Full { path: path.into(), error: source }
         } else {
-            AuditError::Io { path: path.into(), source }
+            AuditError::Io { path: path.into(), error: source }
         }
     }
 }
@@ -141,7 +141,7 @@ impl Audit {
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(rx))
-            .map_err(|source| AuditError::Io { path: PathBuf::from("audit-writer thread"), source })?;
+            .map_err(|source| AuditError::Io { path: PathBuf::from("audit-writer thread"), error: source })?;
         Ok(audit)
     }
 
@@ -310,7 +310,7 @@ impl Writer {
         self.retention();
         loop {
             let mut wait = RETENTION_EVERY.saturating_sub(self.last_retention.map_or(Duration::ZERO, |t| t.elapsed()));
-            if self.log.is_dirty() {
+            if self.log.is_dirty() && self.cfg.fsync != FsyncPolicy::Never {
                 wait = wait.min(self.cfg.sync_interval.saturating_sub(self.last_sync.elapsed()));
             }
             match rx.recv_timeout(wait) {

@@ -60,7 +60,7 @@ pub fn export(dir: &Path, since_ms: Option<u64>, out: &mut dyn Write) -> Result<
     match io_err {
         // A closed pipe (`| head`) is not an error of ours.
         Some(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(AuditError::Io { path: "stdout".into(), source: e })
+            Err(AuditError::Io { path: "stdout".into(), error: e })
         }
         _ => Ok(n),
     }

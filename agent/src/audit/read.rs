@@ -30,11 +30,11 @@ pub struct LogRecord<'a> {
 /// segment silently; any other damage is an error (after the records before
 /// it were delivered).
 pub fn scan(dir: &Path, mut f: impl FnMut(&LogRecord<'_>) -> ControlFlow<()>) -> Result<(), AuditError> {
-    let segs = format::list_segments(dir).map_err(|source| AuditError::Io { path: dir.into(), source })?;
+    let segs = format::list_segments(dir).map_err(|source| AuditError::Io { path: dir.into(), error: source })?;
     if segs.is_empty() && !dir.exists() {
         return Err(AuditError::Io {
             path: dir.into(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no audit log here"),
+            error: std::io::Error::new(std::io::ErrorKind::NotFound, "no audit log here"),
         });
     }
     let n = segs.len();
@@ -43,7 +43,7 @@ pub fn scan(dir: &Path, mut f: impl FnMut(&LogRecord<'_>) -> ControlFlow<()>) ->
             Ok(b) => b,
             // Deleted by retention while we read: the next one goes on.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(source) => return Err(AuditError::Io { path: seg.path.clone(), source }),
+            Err(source) => return Err(AuditError::Io { path: seg.path.clone(), error: source }),
         };
         SegmentHeader::decode(&bytes).map_err(|reason| AuditError::Damaged { path: seg.path.clone(), reason })?;
         let mut off = HEADER_LEN;
@@ -119,11 +119,11 @@ pub struct VerifyReport {
 /// link, and that a log not starting at record 1 has a retention record
 /// vouching for its first segment.
 pub fn verify(dir: &Path) -> Result<VerifyReport, AuditError> {
-    let segs = format::list_segments(dir).map_err(|source| AuditError::Io { path: dir.into(), source })?;
+    let segs = format::list_segments(dir).map_err(|source| AuditError::Io { path: dir.into(), error: source })?;
     if !dir.is_dir() {
         return Err(AuditError::Io {
             path: dir.into(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no audit log here"),
+            error: std::io::Error::new(std::io::ErrorKind::NotFound, "no audit log here"),
         });
     }
     let mut rep = VerifyReport {
@@ -146,7 +146,8 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, AuditError> {
         rep.problem = Some(p);
     };
     'segments: for (i, seg) in segs.iter().enumerate() {
-        let bytes = std::fs::read(&seg.path).map_err(|source| AuditError::Io { path: seg.path.clone(), source })?;
+        let bytes =
+            std::fs::read(&seg.path).map_err(|source| AuditError::Io { path: seg.path.clone(), error: source })?;
         let header = match SegmentHeader::decode(&bytes) {
             Ok(h) => h,
             Err(reason) => {
