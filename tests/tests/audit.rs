@@ -99,9 +99,7 @@ fn wait_ends(agent: &Agent, n: usize) {
 
 #[test]
 fn kill_9_during_a_burst_keeps_every_acknowledged_record() {
-    if !require_root() {
-        return;
-    }
+    // No privilege needed: a real writer process, a real SIGKILL.
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("audit");
     let mut child = Command::new(helper_bin("audit-writer"))

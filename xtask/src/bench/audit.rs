@@ -53,10 +53,10 @@ pub fn run() -> Result<()> {
             "{:<24} {:>8} {:>9} {:>8.2} {:>12.0} {:>8} {:>9.1}x",
             c.label,
             c.writers,
-            v["records"],
+            v["records"].as_u64().unwrap_or(0),
             v["secs"].as_f64().unwrap_or(0.0),
             rate,
-            v["fsyncs"],
+            v["fsyncs"].as_u64().unwrap_or(0),
             rate / base_rate
         );
         let _ = std::fs::remove_dir_all(&dir);
