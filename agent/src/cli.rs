@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
 use crate::{
+    audit,
     config::{self, RunConfig},
     control::{self, Request},
     intercept::{cgroup, probes},
@@ -56,6 +57,119 @@ pub enum Command {
     /// Requests held for a human's approval.
     #[command(subcommand)]
     Approvals(ApprovalsCommand),
+    /// Recorded sessions: list, show, replay, verify, export. Reads the log
+    /// from the state directory, so it works while the agent is down.
+    Sessions(SessionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Audit log directory [default: STATE_DIR/audit].
+    #[arg(long, env = "PORTCULLIS_AUDIT_DIR")]
+    pub audit_dir: Option<PathBuf>,
+    /// Size at which an audit segment is closed and a new one started.
+    #[arg(long, env = "PORTCULLIS_AUDIT_SEGMENT_SIZE", default_value = "64MiB", value_parser = audit::config::parse_size)]
+    pub audit_segment_size: u64,
+    /// Delete whole closed segments older than this (`off` keeps them).
+    #[arg(long, env = "PORTCULLIS_AUDIT_MAX_AGE", default_value = "90d")]
+    pub audit_max_age: String,
+    /// Delete the oldest closed segments while the log is larger than this (`off`: no limit).
+    #[arg(long, env = "PORTCULLIS_AUDIT_MAX_SIZE", default_value = "1GiB")]
+    pub audit_max_size: String,
+    /// group: a record that authorises a state-changing request is fsynced
+    /// (with whatever else is queued) before the request goes on; always:
+    /// every record fsynced on its own; never: no fsync.
+    #[arg(long, env = "PORTCULLIS_AUDIT_FSYNC", default_value = "group")]
+    pub audit_fsync: audit::FsyncPolicy,
+    /// The longest any other record waits for its fsync.
+    #[arg(long, env = "PORTCULLIS_AUDIT_SYNC_INTERVAL", default_value = "1s", value_parser = audit::config::parse_duration)]
+    pub audit_sync_interval: std::time::Duration,
+    /// When the audit disk is full: refuse state-changing requests, or allow them unrecorded.
+    #[arg(long, env = "PORTCULLIS_AUDIT_ON_FULL", default_value = "refuse")]
+    pub audit_on_full: audit::FullPolicy,
+    /// Response content kept per record (masked), at most.
+    #[arg(long, env = "PORTCULLIS_AUDIT_RESPONSE_CAP", default_value = "4KiB", value_parser = audit::config::parse_size)]
+    pub audit_response_cap: u64,
+}
+
+impl AuditArgs {
+    pub fn config(&self, state_dir: &Path) -> anyhow::Result<audit::AuditConfig> {
+        use audit::config::{parse_duration, parse_optional, parse_size};
+        let mut c = audit::AuditConfig::new(self.audit_dir.clone().unwrap_or_else(|| state_dir.join("audit")));
+        c.segment_bytes = self.audit_segment_size.max(4096);
+        c.max_age =
+            parse_optional(&self.audit_max_age, parse_duration).map_err(|e| anyhow::anyhow!("--audit-max-age {e}"))?;
+        c.max_bytes =
+            parse_optional(&self.audit_max_size, parse_size).map_err(|e| anyhow::anyhow!("--audit-max-size {e}"))?;
+        c.fsync = self.audit_fsync;
+        c.sync_interval = self.audit_sync_interval;
+        c.on_full = self.audit_on_full;
+        c.response_cap = usize::try_from(self.audit_response_cap).unwrap_or(usize::MAX);
+        Ok(c)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SessionsArgs {
+    /// State directory of the agent whose log to read.
+    #[arg(long, global = true, env = "PORTCULLIS_STATE_DIR", default_value = config::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Audit log directory [default: STATE_DIR/audit].
+    #[arg(long, global = true, env = "PORTCULLIS_AUDIT_DIR")]
+    pub audit_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: SessionsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionsCommand {
+    /// One line per session (newest last).
+    List {
+        /// Only sessions of this systemd unit (glob).
+        #[arg(long)]
+        unit: Option<String>,
+        /// Only sessions of this scope.
+        #[arg(long)]
+        scope: Option<String>,
+        /// Only sessions to this target.
+        #[arg(long)]
+        target: Option<String>,
+        /// Only sessions active at or after: RFC 3339, a duration ago (10m, 2h, 7d) or epoch ms.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only sessions with at least one decision of this verdict.
+        #[arg(long, value_parser = ["allow", "deny", "approve"])]
+        decision: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A session's timeline: every record, in order.
+    Show {
+        /// Session id (or a unique prefix of it).
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The session as the caller saw it, in order, with its original timing.
+    Replay {
+        id: String,
+        /// Speed factor: 2 plays twice as fast; 0 without waiting.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+    },
+    /// Check the whole chain; names the first bad record and where it is.
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every record as JSON lines, for a log pipeline.
+    Export {
+        #[arg(long, value_parser = ["jsonl"], default_value = "jsonl")]
+        format: String,
+        /// Only records at or after: RFC 3339, a duration ago (10m, 2h, 7d) or epoch ms.
+        #[arg(long)]
+        since: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,6 +206,8 @@ pub struct RunArgs {
     /// approvers); default: root only.
     #[arg(long, env = "PORTCULLIS_CONTROL_GROUP")]
     pub control_group: Option<String>,
+    #[command(flatten)]
+    pub audit: AuditArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -183,6 +299,7 @@ pub struct ExplainArgs {
 pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run(a) => {
+            let audit = a.audit.config(&a.state_dir)?;
             let cfg = RunConfig {
                 policy: a.policy,
                 listen_port: a.listen_port,
@@ -195,6 +312,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 },
                 bpf_object: a.bpf_object,
                 mark: a.mark,
+                audit,
             };
             crate::daemon::run(cfg).await?;
             Ok(0)
@@ -243,6 +361,161 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Ca(CaCommand::Export { state_dir }) => {
             let ca = crate::tls::LocalCa::load_or_create(&state_dir)?;
             print!("{}", ca.cert_pem());
+            Ok(0)
+        }
+        Command::Sessions(a) => tokio::task::spawn_blocking(move || sessions(a)).await?,
+    }
+}
+
+/// `portcullis sessions ...`: reads the log directly (blocking I/O, off the
+/// runtime). Exit codes: 0 ok, 1 failure (verify: a bad record), 2 no such
+/// session.
+fn sessions(a: SessionsArgs) -> anyhow::Result<i32> {
+    use std::io::Write;
+
+    use audit::query;
+    let dir = a.audit_dir.clone().unwrap_or_else(|| a.state_dir.join("audit"));
+    let now = audit::now_ms();
+    let since = |s: &Option<String>| -> anyhow::Result<Option<u64>> {
+        s.as_deref().map(|s| query::parse_since(s, now)).transpose().map_err(|e| anyhow::anyhow!("--since {e}"))
+    };
+    match a.command {
+        SessionsCommand::Export { format: _, since: s } => {
+            let since = since(&s)?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            query::export(&dir, since, &mut out)?;
+            let _ = out.flush();
+            Ok(0)
+        }
+        SessionsCommand::Verify { json } => {
+            let rep = audit::read::verify(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                match &rep.problem {
+                    None => println!(
+                        "ok: {} records in {} segments (records {}..{}), head hash {}",
+                        rep.records,
+                        rep.segments,
+                        rep.first_seq.unwrap_or(0),
+                        rep.last_seq.unwrap_or(0),
+                        rep.head_hash
+                    ),
+                    Some(p) => {
+                        println!("BAD: {p}");
+                        println!(
+                            "{} records before it check out{}",
+                            rep.records,
+                            rep.last_seq.map(|s| format!(" (up to record {s})")).unwrap_or_default()
+                        );
+                    }
+                }
+                if let Some(t) = &rep.torn_tail {
+                    println!("note: incomplete last record ({t}); a write in progress, or cut off by a crash and cut at the next start");
+                }
+            }
+            Ok(if rep.ok { 0 } else { 1 })
+        }
+        SessionsCommand::List { unit, scope, target, since: s, decision, json } => {
+            let filter = query::Filter {
+                unit: unit
+                    .map(|u| globset::Glob::new(&u).map(|g| g.compile_matcher()))
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("--unit: {e}"))?,
+                scope,
+                target,
+                since_ms: since(&s)?,
+                decision,
+            };
+            let list: Vec<query::SessionSummary> =
+                query::sessions(&dir)?.into_iter().filter(|s| filter.matches(s)).collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(0);
+            }
+            println!(
+                "{:<16}  {:<24}  {:>8}  {:<14} {:<8} {:<12} {:<22} {:>4} {:>4} {:>4}  END",
+                "SESSION", "START", "SECONDS", "TARGET", "PROTO", "ROLE", "CALLER", "OK", "DENY", "HELD"
+            );
+            for s in &list {
+                let secs = s
+                    .end_ms
+                    .map_or_else(|| "open".into(), |e| format!("{:.1}", e.saturating_sub(s.start_ms) as f64 / 1000.0));
+                let who = s.unit.clone().or(s.scope.clone()).unwrap_or_default();
+                println!(
+                    "{:<16}  {:<24}  {:>8}  {:<14} {:<8} {:<12} {:<22} {:>4} {:>4} {:>4}  {}",
+                    s.session,
+                    audit::query::format_time(s.start_ms),
+                    secs,
+                    if s.target.is_empty() { "-" } else { &s.target },
+                    s.protocol,
+                    s.role.as_deref().unwrap_or("-"),
+                    format!("{}[{}] {}", s.comm, s.tgid, who),
+                    s.allowed,
+                    s.denied,
+                    s.held,
+                    s.end_reason.as_deref().unwrap_or("")
+                );
+            }
+            Ok(0)
+        }
+        SessionsCommand::Show { id, json } => {
+            let (id, recs) = match query::session_records(&dir, &id)? {
+                Ok(x) => x,
+                Err(msg) => {
+                    eprintln!("portcullis: {msg}");
+                    return Ok(2);
+                }
+            };
+            if json {
+                let summary = query::sessions(&dir)?.into_iter().find(|s| s.session == id);
+                let records: Vec<Value> =
+                    recs.iter().map(|r| serde_json::from_slice(&r.line).unwrap_or(Value::Null)).collect();
+                println!("{}", serde_json::to_string_pretty(&json!({"session": summary, "records": records}))?);
+                return Ok(0);
+            }
+            println!("session {id}");
+            let t0 = recs.first().and_then(|r| r.value["time_ms"].as_u64()).unwrap_or(0);
+            for r in &recs {
+                let t = r.value["time_ms"].as_u64().unwrap_or(0);
+                let mut rest = r.value.clone();
+                if let Some(o) = rest.as_object_mut() {
+                    for k in ["time_ms", "type", "session"] {
+                        o.remove(k);
+                    }
+                }
+                println!(
+                    "+{:>9.3}s  {}  #{:<8} {:<14} {}",
+                    t.saturating_sub(t0) as f64 / 1000.0,
+                    query::format_time(t),
+                    r.seq,
+                    r.value["type"].as_str().unwrap_or("?"),
+                    rest
+                );
+            }
+            Ok(0)
+        }
+        SessionsCommand::Replay { id, speed } => {
+            let (id, recs) = match query::session_records(&dir, &id)? {
+                Ok(x) => x,
+                Err(msg) => {
+                    eprintln!("portcullis: {msg}");
+                    return Ok(2);
+                }
+            };
+            let lines = query::replay_lines(&recs);
+            let offsets: Vec<u64> = lines.iter().map(|(t, _)| *t).collect();
+            let delays = query::replay_delays(&offsets, speed);
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            writeln!(out, "replay of session {id} (speed {speed}x)")?;
+            for ((t, line), d) in lines.iter().zip(delays) {
+                std::thread::sleep(d);
+                if writeln!(out, "[+{:>8.3}s] {line}", *t as f64 / 1000.0).and_then(|_| out.flush()).is_err() {
+                    break;
+                }
+            }
             Ok(0)
         }
     }
@@ -459,6 +732,18 @@ fn print_status(v: &Value) {
             c["target"].as_str().unwrap_or("?"),
             c["tgid"],
             c["unit"].as_str().unwrap_or("")
+        );
+    }
+    let a = &v["audit"];
+    if !a.is_null() {
+        println!(
+            "audit: {} ({} written, {} queued, {} fsyncs, {} lost, {} write errors)",
+            a["dir"].as_str().unwrap_or("?"),
+            a["written"],
+            a["queued"],
+            a["fsyncs"],
+            a["lost"],
+            a["write_errors"]
         );
     }
     println!("counters:");

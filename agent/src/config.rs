@@ -19,6 +19,7 @@ pub struct RunConfig {
     pub control_group: Option<u32>,
     pub bpf_object: Option<PathBuf>,
     pub mark: u32,
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// The eBPF object embedded at build time (empty when built without it).

@@ -67,7 +67,7 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
             std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
         })
         .map_err(|source| Error::Io { what: "state directory", path: config.state_dir.clone(), source })?;
-    let audit = Audit::open(&config.state_dir.join("audit"))?;
+    let audit = Audit::open(config.audit.clone())?;
 
     // Listen before the probes point at us, so no redirected connect meets
     // a closed port once we are up.
@@ -319,6 +319,7 @@ impl StatusSource for Daemon {
             "targets": targets,
             "connections": self.enforcer.live_sessions(),
             "counters": self.enforcer.stats.snapshot(),
+            "audit": self.enforcer.audit.status(),
         })
     }
 

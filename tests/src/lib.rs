@@ -289,20 +289,33 @@ impl Agent {
         self.spawn();
     }
 
-    /// Every audit record so far, in order.
+    /// Every audit record so far, in order (`portcullis sessions export`,
+    /// which reads the log from the state directory).
     pub fn audit(&self) -> Vec<Value> {
         let out = self
             .cli()
             .args(["sessions", "export", "--format", "jsonl", "--state-dir"])
             .arg(self.state_dir())
+            .envs(self.extra_env.iter().filter(|(k, _)| k == "PORTCULLIS_AUDIT_DIR").map(|(k, v)| (k, v)))
             .output()
             .expect("sessions export");
-        if out.status.success() {
-            return String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        assert!(out.status.success(), "sessions export failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("export line {l:?}: {e}")))
+            .collect()
+    }
+
+    /// A `portcullis sessions ...` command reading this agent's log.
+    pub fn sessions(&self, args: &[&str]) -> Command {
+        let mut cmd = self.cli();
+        cmd.arg("sessions").args(args).arg("--state-dir").arg(self.state_dir());
+        for (k, v) in &self.extra_env {
+            if k == "PORTCULLIS_AUDIT_DIR" {
+                cmd.env(k, v);
+            }
         }
-        // Until `sessions export` exists, read the log file directly.
-        let text = std::fs::read_to_string(self.state_dir().join("audit/audit.jsonl")).unwrap_or_default();
-        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        cmd
     }
 
     /// Waits until an audit record satisfies `pred`.

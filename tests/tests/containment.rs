@@ -194,10 +194,13 @@ fn restarting_under_load_never_bypasses_and_loses_no_record() {
     );
     // Every connection that reached the upstream came through portcullis and
     // had its authorisation on disk first: none bypassed, none unrecorded.
+    // (An authorisation can exceed the upstream count by the connections a
+    // kill cut between the record and the upstream connect.)
     let allowed =
         agent.audit().into_iter().filter(|r| r["type"] == "decision" && r["decision"]["verdict"] == "allow").count()
             as u64;
-    assert_eq!(up.count(), allowed, "upstream connections = recorded authorisations ({r})");
+    assert!(up.count() <= allowed, "{} upstream connections, {allowed} recorded authorisations ({r})", up.count());
+    assert!(allowed - up.count() <= 3, "at most one cut per kill: {allowed} vs {}", up.count());
     assert!(up.count() >= ok);
 }
 

@@ -353,7 +353,7 @@ mod tests {
 
     fn approvals() -> (Approvals, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let audit = Audit::open(dir.path()).unwrap();
+        let audit = Audit::open(crate::audit::AuditConfig::new(dir.path().to_path_buf())).unwrap();
         (Approvals::new(audit, notify::Notifier::disabled()), dir)
     }
 

@@ -62,6 +62,68 @@ pub enum RequestInfo {
     Tcp {
         classes: Vec<String>,
     },
+    /// One SQL statement (or protocol message) of a PostgreSQL session.
+    Postgres {
+        /// The statement as sent (scrubbed of injected credentials).
+        text: String,
+        classes: Vec<String>,
+        /// Tables it touches, schema-qualified.
+        #[serde(default)]
+        tables: Vec<String>,
+    },
+    /// One HTTP request.
+    Http {
+        method: String,
+        host: String,
+        path: String,
+        #[serde(default)]
+        classes: Vec<String>,
+    },
+    /// A git smart-HTTP request: fetch, or a push with its ref updates.
+    Git {
+        service: String,
+        repo: String,
+        #[serde(default)]
+        refs: Vec<RefUpdate>,
+        #[serde(default)]
+        classes: Vec<String>,
+    },
+}
+
+/// One ref a push updates.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefUpdate {
+    pub name: String,
+    pub old: String,
+    pub new: String,
+    /// create, update, fast-forward, force or delete.
+    pub kind: String,
+}
+
+/// What came back to the caller for one request, after masking.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResponseSummary {
+    /// The outcome in the protocol's terms: `200`, `SELECT 3`, `ERROR 42501`.
+    pub status: Option<String>,
+    /// Rows returned or affected, where the protocol says.
+    pub rows: Option<u64>,
+    /// Bytes sent to the caller for this response.
+    pub bytes: u64,
+    /// The content as the caller saw it (masked), cut at the configured cap.
+    pub content: Option<String>,
+    /// True when `content` was cut.
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+/// A segment that retention deleted.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeletedSegment {
+    pub segment: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub bytes: u64,
+    pub closed_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -139,6 +201,38 @@ pub enum Event {
         exe: Option<String>,
         cgroup: Option<String>,
         reason: String,
+    },
+    /// What the caller got back for a request (one per request that
+    /// reached the upstream).
+    Response {
+        session: SessionId,
+        summary: ResponseSummary,
+    },
+    /// Retention deleted whole old segments. The log now starts at
+    /// `first_seq`, whose previous hash is `anchor`.
+    Retention {
+        reason: String,
+        deleted: Vec<DeletedSegment>,
+        first_seq: u64,
+        anchor: String,
+    },
+    /// Opening the log found an incomplete or damaged tail and cut it.
+    Recovery {
+        segment: String,
+        offset: u64,
+        cut_bytes: u64,
+        reason: String,
+        saved_to: Option<String>,
+    },
+    /// Records that could not be written (disk full, I/O error), counted
+    /// once writing works again. `durable` of them guarded state-changing
+    /// requests (refused, or let through under `--audit-on-full allow`).
+    AuditLoss {
+        records: u64,
+        durable: u64,
+        first_ms: u64,
+        last_ms: u64,
+        error: String,
     },
     /// A connect the kernel refused (egress deny, non-TCP to a target, the
     /// enforcer's port directly).
