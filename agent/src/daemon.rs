@@ -40,6 +40,7 @@ struct Daemon {
 }
 
 pub async fn run(config: RunConfig) -> Result<(), Error> {
+    raise_open_files_limit();
     let policy = match &config.policy {
         Some(p) => {
             let path = p.clone();
@@ -131,6 +132,20 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
     sock.set_reuseaddr(true).map_err(|source| Error::Io { what: "socket", path: addr.to_string().into(), source })?;
     sock.bind(addr).map_err(|source| Error::Io { what: "cannot listen on", path: addr.to_string().into(), source })?;
     sock.listen(4096).map_err(|source| Error::Io { what: "cannot listen on", path: addr.to_string().into(), source })
+}
+
+/// Each relayed connection holds two sockets and two pipes: take the whole
+/// allowance of open files the hard limit grants, not the 1024 soft default.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => warn!(soft, hard, error = %e, "cannot raise the open files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open files limit"),
+    }
 }
 
 fn source_name(p: &Policy) -> String {
