@@ -42,7 +42,7 @@ struct Daemon {
 }
 
 pub async fn run(config: RunConfig) -> Result<(), Error> {
-    raise_nofile_limit();
+    raise_open_files_limit();
     let policy = match &config.policy {
         Some(p) => {
             let path = p.clone();
@@ -150,19 +150,6 @@ fn warn_privileged(mount: &Path, report: &ApplyReport) {
     }
 }
 
-/// Each guarded connection costs two descriptors (caller and upstream):
-/// lift the soft limit to the hard one.
-fn raise_nofile_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                warn!(error = %e, soft, hard, "cannot raise the open-file limit");
-            }
-        }
-    }
-}
-
 async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
     let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
         .map_err(|source| Error::Io { what: "socket", path: addr.to_string().into(), source })?;
@@ -180,6 +167,20 @@ fn notifier_for(p: &Policy) -> Notifier {
             Notifier::disabled()
         }
         None => Notifier::disabled(),
+    }
+}
+
+/// Each relayed connection holds two sockets and two pipes: take the whole
+/// allowance of open files the hard limit grants, not the 1024 soft default.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => warn!(soft, hard, error = %e, "cannot raise the open files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open files limit"),
     }
 }
 

@@ -104,6 +104,8 @@ struct Shared {
     response_cap: usize,
     on_full: FullPolicy,
     stats: AuditStats,
+    /// Set by the writer thread when it has stopped (log closed, lock freed).
+    stopped: (std::sync::Mutex<bool>, std::sync::Condvar),
 }
 
 /// Handle to the audit log; cheap to clone.
@@ -124,6 +126,7 @@ impl Audit {
             response_cap: cfg.response_cap,
             on_full: cfg.on_full,
             stats: AuditStats::default(),
+            stopped: Default::default(),
         });
         let (tx, rx) = mpsc::channel();
         let audit = Audit { tx, shared: shared.clone() };
@@ -140,13 +143,31 @@ impl Audit {
         let mut writer = Writer { log, cfg, shared, loss: None, last_sync: Instant::now(), last_retention: None };
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                writer.run(rx);
+                let shared = writer.shared.clone();
+                drop(writer);
+                *shared.stopped.0.lock().expect("stopped flag") = true;
+                shared.stopped.1.notify_all();
+            })
             .map_err(|source| AuditError::Io { path: PathBuf::from("audit-writer thread"), error: source })?;
         Ok(audit)
     }
 
     pub fn dir(&self) -> &Path {
         &self.shared.dir
+    }
+
+    /// Drops this handle and waits (at most `wait`) until the writer has
+    /// written everything queued and closed the log, which happens once
+    /// every handle is gone. True when it has.
+    pub fn close(self, wait: std::time::Duration) -> bool {
+        let shared = self.shared.clone();
+        drop(self);
+        let (lock, cv) = &shared.stopped;
+        let guard = lock.lock().expect("stopped flag");
+        let (guard, _) = cv.wait_timeout_while(guard, wait, |stopped| !*stopped).expect("stopped flag");
+        *guard
     }
 
     pub fn stats(&self) -> &AuditStats {

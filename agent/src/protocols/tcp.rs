@@ -1,7 +1,22 @@
-//! Opaque TCP: allow, deny or hold the connection, then relay bytes both
-//! ways, passing each side's half-close on to the other.
-use tokio::net::TcpStream;
-use tracing::warn;
+//! Opaque TCP: allow, deny or hold the connection, then relay bytes both ways,
+//! passing each side's half-close on to the other.
+//!
+//! The relay moves bytes with splice(2) through one pipe per direction: the
+//! kernel hands the received socket buffers' pages to the other socket, and
+//! portcullis never copies the payload. Should a pipe not be available (file
+//! descriptors exhausted), the connection is relayed through a user-space
+//! buffer instead, with the same semantics.
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+};
+
+use nix::{
+    fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags},
+    sys::socket::{send, shutdown, MsgFlags, Shutdown},
+};
+use tokio::{io::Interest, net::TcpStream};
+use tracing::{debug, warn};
 
 use super::{connect_upstream, Outcome, Session};
 use crate::{
@@ -11,7 +26,13 @@ use crate::{
     policy::{Decision, Verdict},
 };
 
-pub async fn serve(session: &Session, mut client: TcpStream, admission: Decision) -> Outcome {
+/// Bytes a relay pipe (or fallback buffer) holds: large enough that a bulk
+/// transfer moves several socket buffers' worth per system call. Pipe pages
+/// are only referenced while data passes, not allocated up front.
+const PIPE_SIZE: usize = 1 << 20;
+const BUFFER_SIZE: usize = 64 * 1024;
+
+pub async fn serve(session: &Session, client: TcpStream, admission: Decision) -> Outcome {
     match admission.verdict {
         Verdict::Allow => {}
         Verdict::Deny => {
@@ -24,7 +45,7 @@ pub async fn serve(session: &Session, mut client: TcpStream, admission: Decision
             }
         }
     }
-    let mut upstream = match connect_upstream(session).await {
+    let upstream = match connect_upstream(session).await {
         Ok(u) => u,
         Err(e) => {
             Stats::inc(&session.enforcer.stats.upstream_failures);
@@ -33,13 +54,143 @@ pub async fn serve(session: &Session, mut client: TcpStream, admission: Decision
         }
     };
     let _ = client.set_nodelay(true);
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((up, down)) => {
-            Stats::add(&session.enforcer.stats.bytes_up, up);
-            Stats::add(&session.enforcer.stats.bytes_down, down);
-            Outcome { reason: "closed".into(), bytes_up: up, bytes_down: down }
+    let r = relay(&client, &upstream).await;
+    Stats::add(&session.enforcer.stats.bytes_up, r.up);
+    Stats::add(&session.enforcer.stats.bytes_down, r.down);
+    let reason = match r.error {
+        None => "closed".into(),
+        Some(e) => format!("relay error: {e}"),
+    };
+    Outcome { reason, bytes_up: r.up, bytes_down: r.down }
+}
+
+/// What a relay moved, and why it stopped early if it did.
+#[derive(Debug)]
+pub struct Relayed {
+    /// Bytes delivered from the client to the upstream.
+    pub up: u64,
+    /// Bytes delivered from the upstream to the client.
+    pub down: u64,
+    /// The first error on either side; `None` when both sides closed.
+    pub error: Option<io::Error>,
+}
+
+/// Relays both ways until each side has half-closed (each half-close is
+/// passed on), or until the first error on either side. Byte counts are of
+/// what was delivered, errors included.
+pub async fn relay(client: &TcpStream, upstream: &TcpStream) -> Relayed {
+    match (Pipe::new(), Pipe::new()) {
+        (Ok(mut a), Ok(mut b)) => both_ways(client, upstream, &mut a, &mut b).await,
+        (Err(e), _) | (_, Err(e)) => {
+            debug!(error = %e, "no pipe for splice(2); relaying through a buffer");
+            both_ways(client, upstream, &mut Buffer::new(), &mut Buffer::new()).await
         }
-        Err(e) => Outcome::reason(format!("relay error: {e}")),
+    }
+}
+
+async fn both_ways<C: Conduit>(client: &TcpStream, upstream: &TcpStream, a: &mut C, b: &mut C) -> Relayed {
+    let (mut up, mut down) = (0, 0);
+    let res = tokio::try_join!(one_way(client, upstream, a, &mut up), one_way(upstream, client, b, &mut down));
+    Relayed { up, down, error: res.err() }
+}
+
+/// Moves bytes from `from` to `to` until `from` half-closes, then half-closes
+/// `to`. `moved` counts bytes handed to `to`'s socket.
+async fn one_way<C: Conduit>(from: &TcpStream, to: &TcpStream, c: &mut C, moved: &mut u64) -> io::Result<()> {
+    loop {
+        let n = from.async_io(Interest::READABLE, || c.fill(from)).await?;
+        if n == 0 {
+            return match shutdown(to.as_raw_fd(), Shutdown::Write) {
+                // The other side is already gone: nothing left to tell it.
+                Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
+                Err(e) => Err(e.into()),
+            };
+        }
+        while c.pending() > 0 {
+            let n = to.async_io(Interest::WRITABLE, || c.drain(to)).await?;
+            *moved += n as u64;
+        }
+    }
+}
+
+/// Where bytes wait between the two sockets.
+trait Conduit {
+    /// Takes what `from` has; 0 at the end of its stream. Called only when
+    /// empty, so `WouldBlock` always means `from` has nothing yet.
+    fn fill(&mut self, from: &TcpStream) -> io::Result<usize>;
+    /// Hands some of what is held to `to`.
+    fn drain(&mut self, to: &TcpStream) -> io::Result<usize>;
+    fn pending(&self) -> usize;
+}
+
+/// A pipe that splice(2) moves socket pages through.
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+    size: usize,
+    pending: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        // Larger than the default 64 KiB where allowed; whatever the kernel
+        // grants is fine.
+        let size = fcntl(&w, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32))
+            .or_else(|_| fcntl(&w, FcntlArg::F_GETPIPE_SZ))
+            .map_or(64 * 1024, |n| n as usize);
+        Ok(Pipe { r, w, size, pending: 0 })
+    }
+}
+
+impl Conduit for Pipe {
+    fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
+        let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+        let n = splice(from.as_fd(), None, &self.w, None, self.size, flags)?;
+        self.pending += n;
+        Ok(n)
+    }
+
+    fn drain(&mut self, to: &TcpStream) -> io::Result<usize> {
+        let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+        let n = splice(&self.r, None, to.as_fd(), None, self.pending, flags)?;
+        self.pending -= n;
+        Ok(n)
+    }
+
+    fn pending(&self) -> usize {
+        self.pending
+    }
+}
+
+/// The fallback: read into and write from a buffer.
+struct Buffer {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl Buffer {
+    fn new() -> Buffer {
+        Buffer { buf: vec![0; BUFFER_SIZE].into_boxed_slice(), start: 0, end: 0 }
+    }
+}
+
+impl Conduit for Buffer {
+    fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
+        let n = nix::unistd::read(from, &mut self.buf)?;
+        (self.start, self.end) = (0, n);
+        Ok(n)
+    }
+
+    fn drain(&mut self, to: &TcpStream) -> io::Result<usize> {
+        let n = send(to.as_raw_fd(), &self.buf[self.start..self.end], MsgFlags::MSG_NOSIGNAL)?;
+        self.start += n;
+        Ok(n)
+    }
+
+    fn pending(&self) -> usize {
+        self.end - self.start
     }
 }
 
@@ -91,5 +242,113 @@ pub async fn caller_gone(client: &TcpStream) {
             Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::*;
+
+    /// A connected pair of loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// caller <-> [client | relay | upstream] <-> server
+    async fn through<C: Conduit + Send + 'static>(
+        mk: fn() -> C,
+    ) -> (TcpStream, TcpStream, tokio::task::JoinHandle<Relayed>) {
+        let (caller, client) = pair().await;
+        let (upstream, server) = pair().await;
+        let task = tokio::spawn(async move {
+            let (mut a, mut b) = (mk(), mk());
+            both_ways(&client, &upstream, &mut a, &mut b).await
+        });
+        (caller, server, task)
+    }
+
+    fn pipe() -> Pipe {
+        Pipe::new().unwrap()
+    }
+
+    async fn bulk_and_half_close<C: Conduit + Send + 'static>(mk: fn() -> C) {
+        let (mut caller, mut server, task) = through(mk).await;
+        let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let down: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
+        let (up2, down2) = (up.clone(), down.clone());
+        // The server reads to the caller's half-close, then answers: the
+        // caller's half-close must arrive, and the answer must still flow.
+        let srv = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            server.write_all(&down2).await.unwrap();
+            server.shutdown().await.unwrap();
+            got
+        });
+        caller.write_all(&up).await.unwrap();
+        caller.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        caller.read_to_end(&mut back).await.unwrap();
+        assert!(srv.await.unwrap() == up2, "upstream got every byte in order");
+        assert!(back == down, "caller got every byte in order");
+        let r = task.await.unwrap();
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert_eq!((r.up, r.down), (up.len() as u64, down.len() as u64));
+    }
+
+    #[tokio::test]
+    async fn splice_relays_everything_and_passes_half_closes_on() {
+        bulk_and_half_close(pipe).await;
+    }
+
+    #[tokio::test]
+    async fn buffer_relays_everything_and_passes_half_closes_on() {
+        bulk_and_half_close(Buffer::new).await;
+    }
+
+    #[tokio::test]
+    async fn small_round_trips_are_not_held_back() {
+        let (mut caller, mut server, task) = through(pipe).await;
+        for i in 0..100u8 {
+            caller.write_all(&[i; 7]).await.unwrap();
+            let mut b = [0u8; 7];
+            server.read_exact(&mut b).await.unwrap();
+            server.write_all(&b).await.unwrap();
+            caller.read_exact(&mut b).await.unwrap();
+            assert_eq!(b, [i; 7]);
+        }
+        drop(caller);
+        drop(server);
+        let r = task.await.unwrap();
+        assert_eq!((r.up, r.down), (700, 700));
+    }
+
+    #[tokio::test]
+    async fn a_reset_ends_the_relay_with_an_error_and_keeps_the_counts() {
+        let (mut caller, server, task) = through(pipe).await;
+        caller.write_all(b"hello").await.unwrap();
+        let mut server = server;
+        let mut b = [0u8; 5];
+        server.read_exact(&mut b).await.unwrap();
+        // Close with unread data pending: the kernel answers with a reset.
+        caller.write_all(b"more").await.unwrap();
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        nix::sys::socket::setsockopt(&server, nix::sys::socket::sockopt::Linger, &linger).unwrap();
+        drop(server);
+        let r = task.await.unwrap();
+        assert!(r.error.is_some(), "{r:?}");
+        assert!(r.up >= 5, "{r:?}");
+        let mut rest = Vec::new();
+        // The caller's connection ends too (closed or reset).
+        let _ = caller.read_to_end(&mut rest).await;
+        assert!(rest.is_empty());
     }
 }

@@ -4,9 +4,10 @@
 use anyhow::{bail, Result};
 
 mod audit;
+mod tcp;
 
 pub fn run(which: &str) -> Result<()> {
-    const ALL: &[&str] = &["audit"];
+    const ALL: &[&str] = &["tcp", "audit"];
     match which {
         "all" => {
             for b in ALL {
@@ -15,6 +16,7 @@ pub fn run(which: &str) -> Result<()> {
             Ok(())
         }
         "audit" => audit::run(),
+        "tcp" => tcp::run(),
         other => bail!("unknown benchmark `{other}` (available: {})", ALL.join(", ")),
     }
 }
