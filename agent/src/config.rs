@@ -1,6 +1,6 @@
 //! Runtime settings of `portcullis run` (paths, ports), as opposed to the
 //! policy, which says what is allowed.
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 pub const DEFAULT_LISTEN_PORT: u16 = 7440;
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portcullis";
@@ -17,6 +17,8 @@ pub struct RunConfig {
     pub control_socket: PathBuf,
     pub bpf_object: Option<PathBuf>,
     pub mark: u32,
+    /// Loopback address of the Prometheus endpoint; None: no endpoint.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The eBPF object embedded at build time (empty when built without it).

@@ -7,12 +7,15 @@ use std::{
     fs::{self, File, OpenOptions},
     io::{self, Write},
     path::{Path, PathBuf},
-    time::{SystemTime, UNIX_EPOCH},
+    sync::Arc,
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::sync::{mpsc, oneshot};
 
 pub use event::*;
+
+use crate::metrics::AuditMetrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -31,6 +34,8 @@ enum Cmd {
 #[derive(Clone)]
 pub struct Audit {
     tx: mpsc::UnboundedSender<Cmd>,
+    /// Queue depth and write latency, for the metrics endpoint.
+    pub metrics: Arc<AuditMetrics>,
 }
 
 impl Audit {
@@ -44,16 +49,20 @@ impl Audit {
             .open(&path)
             .map_err(|source| AuditError::Io { path: path.clone(), source })?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let metrics = Arc::new(AuditMetrics::default());
+        let m = metrics.clone();
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer(file, rx))
+            .spawn(move || writer(file, rx, &m))
             .map_err(|source| AuditError::Io { path, source })?;
-        Ok(Audit { tx })
+        Ok(Audit { tx, metrics })
     }
 
     /// Queues a record; written within a bounded delay.
     pub fn record(&self, event: Event) {
-        let _ = self.tx.send(Cmd::Record(Record::now(event)));
+        if self.tx.send(Cmd::Record(Record::now(event))).is_ok() {
+            self.metrics.queued();
+        }
     }
 
     /// Writes a record and returns once it is on disk. Callers forward a
@@ -61,6 +70,7 @@ impl Audit {
     pub async fn record_durable(&self, event: Event) -> Result<(), AuditError> {
         let (done, wait) = oneshot::channel();
         self.tx.send(Cmd::Durable(Record::now(event), done)).map_err(|_| AuditError::Stopped)?;
+        self.metrics.queued();
         match wait.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(AuditError::Io { path: PathBuf::new(), source: io::Error::other(e) }),
@@ -69,7 +79,7 @@ impl Audit {
     }
 }
 
-fn writer(mut file: File, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+fn writer(mut file: File, mut rx: mpsc::UnboundedReceiver<Cmd>, metrics: &AuditMetrics) {
     while let Some(first) = rx.blocking_recv() {
         let mut waiters = Vec::new();
         let mut buf = Vec::new();
@@ -86,10 +96,14 @@ fn writer(mut file: File, mut rx: mpsc::UnboundedReceiver<Cmd>) {
             }
         };
         push(first, &mut buf);
+        let mut batch = 1;
         while let Ok(cmd) = rx.try_recv() {
             push(cmd, &mut buf);
+            batch += 1;
         }
+        let started = Instant::now();
         let res = file.write_all(&buf).and_then(|_| if waiters.is_empty() { Ok(()) } else { file.sync_data() });
+        metrics.written(batch, started.elapsed(), res.is_ok());
         for w in waiters {
             let _ = w.send(res.as_ref().map(|_| ()).map_err(|e| e.to_string()));
         }
