@@ -50,6 +50,13 @@ pub enum Command {
     /// Validate a policy or explain a decision.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Check that this host can run portcullis, and how to fix what fails.
+    Doctor(crate::doctor::DoctorArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (portcullis.1 and one per subcommand) into DIR.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +79,9 @@ pub struct RunArgs {
     /// SO_MARK of the enforcer's own upstream sockets.
     #[arg(long, env = "PORTCULLIS_MARK", default_value_t = config::DEFAULT_MARK)]
     pub mark: u32,
+    /// Loopback address of the Prometheus endpoint (`/metrics`), or `off`.
+    #[arg(long, env = "PORTCULLIS_METRICS_ADDR", default_value = crate::metrics::DEFAULT_ADDR)]
+    pub metrics_addr: String,
 }
 
 #[derive(Debug, Args)]
@@ -93,6 +103,9 @@ pub enum PolicyCommand {
     Check {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// One JSON document: every file, ok or its errors.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the decision and the rule behind it for a subject and request.
     Explain(ExplainArgs),
@@ -133,6 +146,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 control_socket: cli.control_socket,
                 bpf_object: a.bpf_object,
                 mark: a.mark,
+                metrics: crate::metrics::parse_addr(&a.metrics_addr)?,
             };
             crate::daemon::run(cfg).await?;
             Ok(0)
@@ -155,26 +169,61 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             println!("detached probes from {n} cgroup(s); removed {}", pin_dir.display());
             Ok(0)
         }
-        Command::Policy(PolicyCommand::Check { files }) => {
+        Command::Policy(PolicyCommand::Check { files, json }) => {
             let mut failed = false;
+            let mut report = Vec::new();
             for f in files {
                 let path = f.clone();
                 match tokio::task::spawn_blocking(move || policy::load_file(&path)).await? {
-                    Ok(p) => println!(
-                        "{}: ok ({} scopes, {} targets, {} roles, {} bindings)",
-                        f.display(),
-                        p.scopes.len(),
-                        p.targets.len(),
-                        p.roles.len(),
-                        p.bindings.len()
-                    ),
+                    Ok(p) => {
+                        if json {
+                            report.push(json!({
+                                "file": f, "ok": true, "errors": [],
+                                "scopes": p.scopes.len(), "targets": p.targets.len(),
+                                "roles": p.roles.len(), "bindings": p.bindings.len(),
+                            }));
+                        } else {
+                            println!(
+                                "{}: ok ({} scopes, {} targets, {} roles, {} bindings)",
+                                f.display(),
+                                p.scopes.len(),
+                                p.targets.len(),
+                                p.roles.len(),
+                                p.bindings.len()
+                            );
+                        }
+                    }
                     Err(e) => {
-                        eprintln!("{e}");
                         failed = true;
+                        if json {
+                            report.push(json!({"file": f, "ok": false, "errors": e.errors}));
+                        } else {
+                            eprintln!("{e}");
+                        }
                     }
                 }
             }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&json!({"ok": !failed, "files": report}))?);
+            }
             Ok(if failed { 2 } else { 0 })
+        }
+        Command::Doctor(a) => crate::doctor::run(&cli.control_socket, a).await,
+        Command::Completions { shell } => {
+            use std::io::Write;
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "portcullis", &mut script);
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(0),
+            }
+        }
+        Command::Manpages { dir } => {
+            std::fs::create_dir_all(&dir)?;
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(cmd, &dir)?;
+            Ok(0)
         }
         Command::Policy(PolicyCommand::Explain(a)) => explain(a).await,
     }
@@ -238,11 +287,11 @@ async fn exec(socket: &Path, a: ExecArgs) -> anyhow::Result<i32> {
     cmd.args(&a.command[1..]);
     if let Some(user) = &a.user {
         let (uid, gid) = lookup_user(user)?;
-        cmd.uid(uid).gid(gid);
-        // Drop supplementary groups too.
+        // Groups first, while still root: supplementary groups, then the
+        // group, then the user (after setuid, setgroups is refused).
         unsafe {
             cmd.pre_exec(move || {
-                if libc::setgroups(1, &gid) != 0 {
+                if libc::setgroups(1, &gid) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
