@@ -340,6 +340,12 @@ fn print_status(v: &Value) {
             s["cgroup"].as_str().unwrap_or("-")
         );
     }
+    let unresolved: Vec<&str> =
+        v["unresolved_scopes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    if !unresolved.is_empty() {
+        println!("  (not attached until their unit runs: {})", unresolved.join(", "));
+    }
+    println!("metrics: {}", v["metrics_addr"].as_str().map_or("off".to_string(), |a| format!("http://{a}/metrics")));
     println!("targets:");
     for t in v["targets"].as_array().into_iter().flatten() {
         println!(

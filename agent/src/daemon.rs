@@ -79,6 +79,13 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         }
     };
 
+    // A taken metrics port is a configuration error: say so before the
+    // kernel is touched.
+    let metrics_listener = match config.metrics {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
+
     let object: Vec<u8> = match &config.bpf_object {
         Some(p) => {
             std::fs::read(p).map_err(|source| Error::Io { what: "cannot read eBPF object", path: p.clone(), source })?
@@ -111,10 +118,6 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         started_ms: crate::audit::now_ms(),
     });
 
-    let metrics_listener = match config.metrics {
-        Some(addr) => Some(metrics::bind(addr).await?),
-        None => None,
-    };
     let control = control::bind(&config.control_socket)?;
     tokio::spawn(control::serve(control, enforcer.clone(), daemon.clone() as Arc<dyn StatusSource>));
     tokio::spawn(events::run(ring, enforcer.clone()));
@@ -332,7 +335,10 @@ async fn follow_scopes(daemon: Arc<Daemon>) {
             }
         };
         if let Some(why) = drift {
-            reattach(&daemon, &why).await;
+            if !reattach(&daemon, &why).await {
+                // Do not retry a failing attach ten times a second.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
     }
 }
@@ -375,8 +381,9 @@ fn scopes_drifted(
     None
 }
 
-/// Re-applies the policy in force to the kernel after a cgroup change.
-async fn reattach(daemon: &Arc<Daemon>, why: &str) {
+/// Re-applies the policy in force to the kernel after a cgroup change;
+/// false when that failed.
+async fn reattach(daemon: &Arc<Daemon>, why: &str) -> bool {
     let _serial = daemon.applying.lock().await;
     let d = daemon.clone();
     let policy = daemon.enforcer.policy();
@@ -396,11 +403,18 @@ async fn reattach(daemon: &Arc<Daemon>, why: &str) {
                 info!(scope = %s, reason = %why, "scope has no cgroup now; it is attached again when its unit starts");
             }
             *daemon.report.lock().expect("report lock") = report;
+            true
         }
         // The cgroup may vanish again between the check and the attach:
         // the next check retries.
-        Ok(Err(e)) => warn!(error = %e, reason = %why, "re-attaching the probes failed; retrying"),
-        Err(e) => error!(error = %e, "re-attach task failed"),
+        Ok(Err(e)) => {
+            warn!(error = %e, reason = %why, "re-attaching the probes failed; retrying");
+            false
+        }
+        Err(e) => {
+            error!(error = %e, "re-attach task failed");
+            false
+        }
     }
 }
 
