@@ -60,6 +60,13 @@ pub enum Command {
     /// Recorded sessions: list, show, replay, verify, export. Reads the log
     /// from the state directory, so it works while the agent is down.
     Sessions(SessionsArgs),
+    /// Check that this host can run portcullis, and how to fix what fails.
+    Doctor(crate::doctor::DoctorArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (portcullis.1 and one per subcommand) into DIR.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
 }
 
 #[derive(Debug, Args)]
@@ -206,6 +213,9 @@ pub struct RunArgs {
     /// approvers); default: root only.
     #[arg(long, env = "PORTCULLIS_CONTROL_GROUP")]
     pub control_group: Option<String>,
+    /// Loopback address of the Prometheus endpoint (`/metrics`), or `off`.
+    #[arg(long, env = "PORTCULLIS_METRICS_ADDR", default_value = crate::metrics::DEFAULT_ADDR)]
+    pub metrics_addr: String,
     #[command(flatten)]
     pub audit: AuditArgs,
 }
@@ -267,6 +277,9 @@ pub enum PolicyCommand {
     Check {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// One JSON document: every file, ok or its errors.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the decision and the rule behind it for a subject and request.
     Explain(ExplainArgs),
@@ -313,6 +326,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 bpf_object: a.bpf_object,
                 mark: a.mark,
                 audit,
+                metrics: crate::metrics::parse_addr(&a.metrics_addr)?,
             };
             crate::daemon::run(cfg).await?;
             Ok(0)
@@ -335,26 +349,61 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             println!("detached probes from {n} cgroup(s); removed {}", pin_dir.display());
             Ok(0)
         }
-        Command::Policy(PolicyCommand::Check { files }) => {
+        Command::Policy(PolicyCommand::Check { files, json }) => {
             let mut failed = false;
+            let mut report = Vec::new();
             for f in files {
                 let path = f.clone();
                 match tokio::task::spawn_blocking(move || policy::load_file(&path)).await? {
-                    Ok(p) => println!(
-                        "{}: ok ({} scopes, {} targets, {} roles, {} bindings)",
-                        f.display(),
-                        p.scopes.len(),
-                        p.targets.len(),
-                        p.roles.len(),
-                        p.bindings.len()
-                    ),
+                    Ok(p) => {
+                        if json {
+                            report.push(json!({
+                                "file": f, "ok": true, "errors": [],
+                                "scopes": p.scopes.len(), "targets": p.targets.len(),
+                                "roles": p.roles.len(), "bindings": p.bindings.len(),
+                            }));
+                        } else {
+                            println!(
+                                "{}: ok ({} scopes, {} targets, {} roles, {} bindings)",
+                                f.display(),
+                                p.scopes.len(),
+                                p.targets.len(),
+                                p.roles.len(),
+                                p.bindings.len()
+                            );
+                        }
+                    }
                     Err(e) => {
-                        eprintln!("{e}");
                         failed = true;
+                        if json {
+                            report.push(json!({"file": f, "ok": false, "errors": e.errors}));
+                        } else {
+                            eprintln!("{e}");
+                        }
                     }
                 }
             }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&json!({"ok": !failed, "files": report}))?);
+            }
             Ok(if failed { 2 } else { 0 })
+        }
+        Command::Doctor(a) => crate::doctor::run(&cli.control_socket, a).await,
+        Command::Completions { shell } => {
+            use std::io::Write;
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "portcullis", &mut script);
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(0),
+            }
+        }
+        Command::Manpages { dir } => {
+            std::fs::create_dir_all(&dir)?;
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(cmd, &dir)?;
+            Ok(0)
         }
         Command::Policy(PolicyCommand::Explain(a)) => explain(a).await,
         Command::Approvals(a) => approvals(&cli.control_socket, a).await,
@@ -712,6 +761,12 @@ fn print_status(v: &Value) {
             s["cgroup"].as_str().unwrap_or("-")
         );
     }
+    let unresolved: Vec<&str> =
+        v["unresolved_scopes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    if !unresolved.is_empty() {
+        println!("  (not attached until their unit runs: {})", unresolved.join(", "));
+    }
+    println!("metrics: {}", v["metrics_addr"].as_str().map_or("off".to_string(), |a| format!("http://{a}/metrics")));
     println!("targets:");
     for t in v["targets"].as_array().into_iter().flatten() {
         println!(

@@ -1,6 +1,6 @@
 //! Runtime settings of `portcullis run` (paths, ports), as opposed to the
 //! policy, which says what is allowed.
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 pub const DEFAULT_LISTEN_PORT: u16 = 7440;
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portcullis";
@@ -20,6 +20,8 @@ pub struct RunConfig {
     pub bpf_object: Option<PathBuf>,
     pub mark: u32,
     pub audit: crate::audit::AuditConfig,
+    /// Loopback address of the Prometheus endpoint; None: no endpoint.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The eBPF object embedded at build time (empty when built without it).

@@ -1,10 +1,13 @@
 //! `portcullis run`: load the policy, attach the probes, listen, and serve
-//! until stopped; reload the policy on SIGHUP or when its file changes.
+//! until stopped; reload the policy on SIGHUP or when its file changes;
+//! follow scope cgroups that are recreated (a unit restarting); tell
+//! systemd when it is ready (`Type=notify`).
 use std::{
+    collections::HashMap,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use portcullis_common::Config;
@@ -28,6 +31,7 @@ use crate::{
         events,
         probes::{ApplyReport, Probes},
     },
+    metrics::{self, Exporter},
     policy::{self, Policy, ScopeLocation},
     tls::LocalCa,
 };
@@ -37,6 +41,10 @@ struct Daemon {
     probes: Arc<Mutex<Probes>>,
     mount: PathBuf,
     report: Mutex<ApplyReport>,
+    /// Held across "apply to the kernel, then record the result" by the
+    /// reloader and the cgroup follower, so neither applies a stale policy
+    /// over the other's.
+    applying: tokio::sync::Mutex<()>,
     config: RunConfig,
     started_ms: u64,
 }
@@ -81,6 +89,13 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         }
     };
 
+    // A taken metrics port is a configuration error: say so before the
+    // kernel is touched.
+    let metrics_listener = match config.metrics {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
+
     let object: Vec<u8> = match &config.bpf_object {
         Some(p) => {
             std::fs::read(p).map_err(|source| Error::Io { what: "cannot read eBPF object", path: p.clone(), source })?
@@ -111,6 +126,7 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         probes: Arc::new(Mutex::new(probes)),
         mount,
         report: Mutex::new(report),
+        applying: tokio::sync::Mutex::new(()),
         config: config.clone(),
         started_ms: crate::audit::now_ms(),
     });
@@ -122,10 +138,29 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     if let Some(v6) = v6 {
         tokio::spawn(intercept::serve(v6, enforcer.clone()));
     }
+    if let Some(listener) = metrics_listener {
+        let d = daemon.clone();
+        let exporter = Exporter {
+            enforcer: enforcer.clone(),
+            pin_dir: config.pin_dir.clone(),
+            started_ms: daemon.started_ms,
+            scopes: Box::new(move || {
+                let r = d.report.lock().expect("report lock");
+                (r.attached.len(), r.unresolved.len())
+            }),
+        };
+        tokio::spawn(metrics::serve(listener, Arc::new(exporter)));
+    }
     if config.policy.is_some() {
         tokio::spawn(watch_policy(daemon.clone()));
     }
-    info!(port, pin_dir = %config.pin_dir.display(), control = %config.control_socket.display(), "portcullis ready");
+    tokio::spawn(follow_scopes(daemon.clone()));
+    info!(port, pin_dir = %config.pin_dir.display(), control = %config.control_socket.display(),
+          metrics = %config.metrics.map_or_else(|| "off".to_string(), |a| a.to_string()), "portcullis ready");
+    // The probes are attached and every listener is up: only now may
+    // systemd start the units ordered after us.
+    let attached = daemon.report.lock().expect("report lock").attached.len();
+    sd_notify(&format!("READY=1\nSTATUS=guarding {attached} scope(s); listening on port {port}"));
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| Error::Other(e.to_string()))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::Other(e.to_string()))?;
@@ -133,6 +168,7 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
+    sd_notify("STOPPING=1");
     info!(reason, "stopping; probes stay pinned, so guarded connects to targets are refused until portcullis is back");
     let _ = audit.record_durable(Event::AgentStop { reason: reason.into() }).await;
     Ok(())
@@ -235,6 +271,7 @@ async fn reload(daemon: &Arc<Daemon>, path: &Path) {
             return;
         }
     };
+    let _serial = daemon.applying.lock().await;
     let d = daemon.clone();
     let old = enforcer.policy();
     let applied = tokio::task::spawn_blocking(move || {
@@ -260,6 +297,7 @@ async fn reload(daemon: &Arc<Daemon>, path: &Path) {
                 .audit
                 .record(Event::PolicyLoaded { source: path.display().to_string(), digest: new.digest.clone() });
             enforcer.set_policy(new);
+            sd_notify(&format!("STATUS=guarding {} scope(s); policy reloaded", report.attached.len()));
             *daemon.report.lock().expect("report lock") = report;
             warn_privileged(&daemon.mount, &daemon.report.lock().expect("report lock"));
             let revoked = enforcer.revalidate();
@@ -275,6 +313,164 @@ async fn reload(daemon: &Arc<Daemon>, path: &Path) {
                 .record(Event::PolicyRejected { source: path.display().to_string(), errors: vec![e.to_string()] });
         }
         Err(e) => error!(error = %e, "policy apply task failed"),
+    }
+}
+
+/// Sends a state line to systemd's notification socket (`sd_notify(3)`),
+/// when there is one (`NOTIFY_SOCKET`: a path, or `@name` for an abstract
+/// socket). Best effort: without systemd it does nothing.
+pub fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    if let Err(e) = notify_to(&path, state) {
+        warn!(error = %e, socket = ?path, "cannot notify systemd");
+    }
+}
+
+fn notify_to(path: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
+    use std::os::{linux::net::SocketAddrExt, unix::ffi::OsStrExt, unix::net::UnixDatagram};
+    let bytes = path.as_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name)?,
+        None => std::os::unix::net::SocketAddr::from_pathname(Path::new(path))?,
+    };
+    let sock = UnixDatagram::unbound()?;
+    sock.send_to_addr(state.as_bytes(), &addr)?;
+    Ok(())
+}
+
+/// How often scope cgroups are checked for recreation.
+const FOLLOW_INTERVAL: Duration = Duration::from_millis(100);
+/// How often a unit that is not running is looked up afresh (asking
+/// systemd, or walking the tree, costs more than a stat).
+const RESOLVE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Keeps the probes on every scope's cgroup as cgroups come and go: a unit's
+/// cgroup is removed when it stops and created anew (with a new id) when it
+/// starts; a scope cgroup removed by someone else is created again. Each
+/// change re-applies the policy in force, which attaches the new cgroup and
+/// drops the old one.
+async fn follow_scopes(daemon: Arc<Daemon>) {
+    let mut hints: HashMap<String, String> = HashMap::new();
+    let mut last_resolve = Instant::now();
+    let mut tick = tokio::time::interval(FOLLOW_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let policy = daemon.enforcer.policy();
+        let resolve = last_resolve.elapsed() >= RESOLVE_INTERVAL;
+        if resolve {
+            last_resolve = Instant::now();
+        }
+        let d = daemon.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            let report = d.report.lock().expect("report lock").clone();
+            for a in &report.attached {
+                if let Some(ScopeLocation::Unit(unit)) = policy.scope(&a.scope).map(|s| &s.location) {
+                    hints.insert(unit.clone(), a.cgroup.clone());
+                }
+            }
+            if resolve {
+                for s in &policy.scopes {
+                    if let ScopeLocation::Unit(unit) = &s.location {
+                        if let Some(h) = cgroup::unit_cgroup_hint(unit) {
+                            hints.insert(unit.clone(), h);
+                        }
+                    }
+                }
+            }
+            let drift = scopes_drifted(&policy, &report, &d.mount, &hints, resolve);
+            (drift, hints)
+        })
+        .await;
+        let drift;
+        (drift, hints) = match checked {
+            Ok(x) => x,
+            Err(e) => {
+                error!(error = %e, "scope check task failed");
+                return;
+            }
+        };
+        if let Some(why) = drift {
+            if !reattach(&daemon, &why).await {
+                // Do not retry a failing attach ten times a second.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Why the attachments no longer match where the scopes are, if they don't.
+fn scopes_drifted(
+    policy: &Policy,
+    report: &ApplyReport,
+    mount: &Path,
+    hints: &HashMap<String, String>,
+    resolve: bool,
+) -> Option<String> {
+    let id_at = |rel: &str| cgroup::cgroup_id(&mount.join(rel)).ok();
+    for s in &policy.scopes {
+        let attached = report.attached.iter().find(|a| a.scope == s.name);
+        match (&s.location, attached) {
+            (ScopeLocation::Cgroup(rel), Some(a)) => {
+                if id_at(rel) != Some(a.cgroup_id) {
+                    return Some(format!("cgroup {rel} of scope {} was removed or recreated", s.name));
+                }
+            }
+            (ScopeLocation::Cgroup(rel), None) => {
+                return Some(format!("cgroup {rel} of scope {} is not attached", s.name));
+            }
+            (ScopeLocation::Unit(unit), Some(a)) => {
+                if id_at(&a.cgroup) != Some(a.cgroup_id) {
+                    return Some(format!("the cgroup of unit {unit} (scope {}) was removed or recreated", s.name));
+                }
+            }
+            (ScopeLocation::Unit(unit), None) => {
+                if hints.get(unit).is_some_and(|h| id_at(h).is_some()) {
+                    return Some(format!("unit {unit} (scope {}) has a cgroup now", s.name));
+                }
+                if resolve && cgroup::unit_cgroup(mount, unit).is_some() {
+                    return Some(format!("unit {unit} (scope {}) has a cgroup now", s.name));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Re-applies the policy in force to the kernel after a cgroup change;
+/// false when that failed.
+async fn reattach(daemon: &Arc<Daemon>, why: &str) -> bool {
+    let _serial = daemon.applying.lock().await;
+    let d = daemon.clone();
+    let policy = daemon.enforcer.policy();
+    let applied =
+        tokio::task::spawn_blocking(move || d.probes.lock().expect("probes lock").apply(&policy, &d.mount)).await;
+    match applied {
+        Ok(Ok(report)) => {
+            let enforcer = &daemon.enforcer;
+            for s in &report.attached {
+                enforcer.cgroups.remember(s.cgroup_id, &s.cgroup);
+            }
+            Stats::inc(&enforcer.stats.reattachments);
+            for s in &report.attached {
+                info!(scope = %s.scope, cgroup = %s.cgroup, cgroup_id = s.cgroup_id, reason = %why, "guarding");
+            }
+            for s in &report.unresolved {
+                info!(scope = %s, reason = %why, "scope has no cgroup now; it is attached again when its unit starts");
+            }
+            *daemon.report.lock().expect("report lock") = report;
+            true
+        }
+        // The cgroup may vanish again between the check and the attach:
+        // the next check retries.
+        Ok(Err(e)) => {
+            warn!(error = %e, reason = %why, "re-attaching the probes failed; retrying");
+            false
+        }
+        Err(e) => {
+            error!(error = %e, "re-attach task failed");
+            false
+        }
     }
 }
 
@@ -311,12 +507,14 @@ impl StatusSource for Daemon {
             "pid": std::process::id(),
             "started_ms": self.started_ms,
             "listen_port": self.config.listen_port,
+            "metrics_addr": self.config.metrics.map(|a| a.to_string()),
             "pin_dir": self.config.pin_dir,
             "cgroup_mount": self.mount,
             "policy": {"source": source_name(&policy), "digest": policy.digest},
             "programs": programs,
             "attached_cgroups": probes.attached().keys().collect::<Vec<_>>(),
             "scopes": scopes,
+            "unresolved_scopes": report.unresolved,
             "targets": targets,
             "connections": self.enforcer.live_sessions(),
             "counters": self.enforcer.stats.snapshot(),
@@ -340,5 +538,83 @@ impl StatusSource for Daemon {
             ScopeLocation::Unit(unit) => cgroup::unit_cgroup(&self.mount, unit)?,
         };
         Some(self.mount.join(rel))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+    use crate::intercept::probes::AttachedScope;
+
+    const POLICY: &str = r#"version = 1
+[[scopes]]
+name = "g"
+cgroup = "guarded.slice"
+[[scopes]]
+name = "u"
+unit = "runner.service"
+"#;
+
+    fn attached(mount: &Path, scope: &str, rel: &str) -> AttachedScope {
+        AttachedScope {
+            scope: scope.into(),
+            cgroup: rel.into(),
+            cgroup_id: cgroup::cgroup_id(&mount.join(rel)).unwrap(),
+        }
+    }
+
+    /// Replaces a directory with a new one (new inode), as systemd does when
+    /// a unit restarts.
+    fn recreate(dir: &Path) {
+        let tmp = dir.with_extension("new");
+        fs::create_dir(&tmp).unwrap();
+        fs::remove_dir(dir).unwrap();
+        fs::rename(&tmp, dir).unwrap();
+    }
+
+    #[test]
+    fn drift_is_seen_when_cgroups_are_recreated_appear_or_vanish() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mount = tmp.path();
+        let policy = crate::policy::parse(POLICY).unwrap();
+        let unit_dir = mount.join("system.slice/runner.service");
+        fs::create_dir_all(&unit_dir).unwrap();
+        fs::create_dir_all(mount.join("guarded.slice")).unwrap();
+        let mut report = ApplyReport {
+            attached: vec![attached(mount, "g", "guarded.slice"), attached(mount, "u", "system.slice/runner.service")],
+            ..ApplyReport::default()
+        };
+        let none = HashMap::new();
+        assert_eq!(scopes_drifted(&policy, &report, mount, &none, true), None);
+
+        // The unit restarted: same path, new id.
+        recreate(&unit_dir);
+        let why = scopes_drifted(&policy, &report, mount, &none, false).expect("recreated unit cgroup");
+        assert!(why.contains("runner.service"), "{why}");
+        report.attached[1] = attached(mount, "u", "system.slice/runner.service");
+        assert_eq!(scopes_drifted(&policy, &report, mount, &none, false), None);
+
+        // The unit stopped: its cgroup is gone.
+        fs::remove_dir(&unit_dir).unwrap();
+        assert!(scopes_drifted(&policy, &report, mount, &none, false).is_some());
+        report.attached.pop();
+        report.unresolved.push("u".into());
+        assert_eq!(scopes_drifted(&policy, &report, mount, &none, true), None);
+
+        // It starts again: seen at once where its path is known, else at
+        // the next full lookup.
+        fs::create_dir(&unit_dir).unwrap();
+        let hints = HashMap::from([("runner.service".to_string(), "system.slice/runner.service".to_string())]);
+        assert!(scopes_drifted(&policy, &report, mount, &hints, false).is_some());
+        assert_eq!(scopes_drifted(&policy, &report, mount, &none, false), None);
+        assert!(scopes_drifted(&policy, &report, mount, &none, true).is_some());
+
+        // A guarded slice removed by someone else is noticed too.
+        report.attached.push(attached(mount, "u", "system.slice/runner.service"));
+        fs::remove_dir(mount.join("guarded.slice")).unwrap();
+        let why = scopes_drifted(&policy, &report, mount, &none, false).expect("slice removed");
+        assert!(why.contains("guarded.slice"), "{why}");
     }
 }

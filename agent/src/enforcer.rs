@@ -16,7 +16,7 @@ use crate::{
     audit::Audit,
     ids::{OrigDst, SessionId},
     intercept::{cgroup::CgroupResolver, probes::ConnTable},
-    policy::Policy,
+    policy::{Decision, Policy},
     tls::LocalCa,
 };
 
@@ -140,6 +140,17 @@ pub struct LiveSession {
     pub approved: bool,
 }
 
+/// Labels of a decision counter: what was decided, for whom, where.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DecisionKey {
+    pub verdict: String,
+    /// Empty when the caller has no role.
+    pub role: String,
+    /// Empty when the destination matched no target.
+    pub target: String,
+    pub protocol: String,
+}
+
 #[derive(Debug, Default)]
 pub struct Stats {
     pub accepted: AtomicU64,
@@ -152,6 +163,13 @@ pub struct Stats {
     pub bytes_down: AtomicU64,
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
+    /// Times a scope was attached again because its cgroup was recreated
+    /// (a unit restarted) or appeared.
+    pub reattachments: AtomicU64,
+    /// Requests held for a human now (a gauge).
+    pub approvals_held: AtomicU64,
+    /// Every decision (session-level and per request), by labels.
+    decisions: Mutex<BTreeMap<DecisionKey, u64>>,
 }
 
 impl Stats {
@@ -174,6 +192,25 @@ impl Stats {
             ("bytes_down", l(&self.bytes_down)),
             ("reloads", l(&self.reloads)),
             ("reload_failures", l(&self.reload_failures)),
+            ("reattachments", l(&self.reattachments)),
+            ("approvals_held", l(&self.approvals_held)),
         ])
+    }
+
+    /// Counts one decision. Every place that decides (the session check
+    /// and each protocol's per-request check) reports here, so the metrics
+    /// see every decision by verdict, role, target and protocol.
+    pub fn decision(&self, decision: &Decision, target: &str, protocol: &str) {
+        let key = DecisionKey {
+            verdict: decision.verdict.to_string(),
+            role: decision.role.clone().unwrap_or_default(),
+            target: target.to_string(),
+            protocol: protocol.to_string(),
+        };
+        *self.decisions.lock().expect("decisions lock").entry(key).or_default() += 1;
+    }
+
+    pub fn decisions(&self) -> Vec<(DecisionKey, u64)> {
+        self.decisions.lock().expect("decisions lock").iter().map(|(k, n)| (k.clone(), *n)).collect()
     }
 }

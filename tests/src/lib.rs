@@ -87,6 +87,8 @@ pub struct Agent {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// Loopback port of the agent's Prometheus endpoint.
+    pub metrics_port: u16,
     pub pin_dir: PathBuf,
     pub control: PathBuf,
     pub policy_path: PathBuf,
@@ -95,6 +97,8 @@ pub struct Agent {
     pub cgroup_base: String,
     pub log: Arc<Mutex<Vec<String>>>,
     extra_env: Vec<(String, String)>,
+    /// A command the agent runs under (e.g. `setpriv` with fewer capabilities).
+    wrapper: Vec<String>,
 }
 
 impl Agent {
@@ -105,6 +109,16 @@ impl Agent {
     }
 
     pub fn start_with_env(policy: &str, env: &[(&str, &str)]) -> Agent {
+        Agent::start_full(policy, env, &[])
+    }
+
+    /// Starts portcullis as the last argument of `wrapper` (a command such
+    /// as `setpriv --bounding-set=...`).
+    pub fn start_wrapped(policy: &str, wrapper: &[&str]) -> Agent {
+        Agent::start_full(policy, &[], wrapper)
+    }
+
+    fn start_full(policy: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let name = unique("pc");
         let cgroup_base = format!("portcullis-test/{name}");
@@ -113,12 +127,14 @@ impl Agent {
         let mut agent = Agent {
             child: None,
             port: free_port(),
+            metrics_port: free_port(),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{name}")),
             control: dir.path().join("control.sock"),
             policy_path,
             cgroup_base,
             log: Arc::new(Mutex::new(Vec::new())),
             extra_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
             dir,
         };
         agent.spawn();
@@ -129,19 +145,35 @@ impl Agent {
         self.dir.path().join("state")
     }
 
+    /// The arguments of `portcullis run` for this agent.
+    pub fn run_args(&self) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = Vec::new();
+        a.push("--control-socket".into());
+        a.push(self.control.clone().into());
+        for (k, v) in [
+            ("run", None),
+            ("--policy", Some(self.policy_path.clone().into_os_string())),
+            ("--listen-port", Some(self.port.to_string().into())),
+            ("--pin-dir", Some(self.pin_dir.clone().into_os_string())),
+            ("--state-dir", Some(self.state_dir().into_os_string())),
+            ("--metrics-addr", Some(format!("127.0.0.1:{}", self.metrics_port).into())),
+        ] {
+            a.push(k.into());
+            a.extend(v);
+        }
+        a
+    }
+
     fn spawn(&mut self) {
-        let mut cmd = Command::new(portcullis_bin());
-        cmd.arg("--control-socket")
-            .arg(&self.control)
-            .arg("run")
-            .arg("--policy")
-            .arg(&self.policy_path)
-            .arg("--listen-port")
-            .arg(self.port.to_string())
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .arg("--state-dir")
-            .arg(self.state_dir())
+        let mut cmd = match self.wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(portcullis_bin());
+                c
+            }
+            None => Command::new(portcullis_bin()),
+        };
+        cmd.args(self.run_args())
             .env("PORTCULLIS_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -330,6 +362,18 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The agent's `/metrics` body (a plain HTTP/1.0 GET on loopback).
+    pub fn metrics_text(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("connect to metrics");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
+        assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
+        body.to_string()
     }
 
     /// Absolute path of a cgroup under this agent's subtree.

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | build | run | test | bench`.
+//! Project tasks: `cargo xtask setup | build-ebpf | build | run | test | bench | package`.
 //!
 //! Set-up is idempotent and installs only what is missing, so every other
 //! task runs it first and works on a fresh machine.
@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod package;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -45,6 +46,15 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Build the Debian package (target/debian/portcullis_<version>_<arch>.deb).
+    Package {
+        /// Package this portcullis binary instead of building a release one.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// Where to put the .deb.
+        #[arg(long, default_value = "target/debian")]
+        out: PathBuf,
+    },
     /// Benchmarks: direct vs through portcullis (and a reference tool).
     Bench {
         /// Which: audit, or all (more join as they land).
@@ -55,6 +65,7 @@ enum Task {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    let invoked_in = env::current_dir()?;
     env::set_current_dir(root())?;
     match cli.task {
         Task::Setup { bench } => setup(bench),
@@ -77,6 +88,11 @@ fn main() -> Result<()> {
             exit_with(status)
         }
         Task::Test { args } => test(&args),
+        Task::Package { binary, out } => {
+            let cwd = invoked_in;
+            let opts = package::Options { binary: binary.map(|b| cwd.join(b)), out: cwd.join(out) };
+            package::package(&opts).map(|_| ())
+        }
         Task::Bench { which } => {
             setup(true)?;
             build_ebpf()?;
@@ -127,7 +143,7 @@ fn llvm_prefix() -> PathBuf {
     home.join(".local/lib/portcullis-llvm")
 }
 
-fn setup(bench: bool) -> Result<()> {
+pub fn setup(bench: bool) -> Result<()> {
     // rust-src for nightly (the eBPF crate builds core itself).
     let comps = Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]).output()?;
     if !String::from_utf8_lossy(&comps.stdout).lines().any(|l| l.starts_with("rust-src")) {
@@ -142,6 +158,12 @@ fn setup(bench: bool) -> Result<()> {
         ("git", "git"),
         ("curl", "curl"),
         ("bpftool", "bpftool"),
+        // Packaging and its tests: units are checked with systemd-analyze.
+        ("systemd-analyze", "systemd"),
+        ("dpkg-deb", "dpkg"),
+        ("dpkg-shlibdeps", "dpkg-dev"),
+        ("setpriv", "util-linux"),
+        ("unshare", "util-linux"),
     ];
     if bench {
         pkgs.extend([("haproxy", "haproxy"), ("pgbouncer", "pgbouncer"), ("nginx", "nginx"), ("wrk", "wrk")]);
@@ -220,7 +242,7 @@ fn install_bpf_linker() -> Result<()> {
     Ok(())
 }
 
-fn build_ebpf() -> Result<()> {
+pub fn build_ebpf() -> Result<()> {
     let dir = root().join("ebpf");
     run(Command::new("cargo")
         .current_dir(&dir)
@@ -245,7 +267,9 @@ fn test(extra: &[String]) -> Result<()> {
     cargo(&["fmt", "--all", "--check"])?;
     run(Command::new("cargo").current_dir(root().join("ebpf")).args(["+nightly", "fmt", "--all", "--check"]))?;
     cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
-    cargo(&["build", "-p", "portcullis"])?;
+    // The end-to-end tests run the agent and, for the package test, the
+    // xtask binary itself.
+    cargo(&["build", "-p", "portcullis", "-p", "xtask"])?;
     let mut args: Vec<&str> = vec!["test", "--workspace"];
     if !extra.is_empty() {
         args.push("--");

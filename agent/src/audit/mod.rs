@@ -28,7 +28,7 @@ use tracing::{error, info, warn};
 pub use config::{AuditConfig, FsyncPolicy, FullPolicy};
 pub use event::*;
 
-use crate::credentials::Secret;
+use crate::{credentials::Secret, metrics::AuditMetrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -113,6 +113,8 @@ struct Shared {
 pub struct Audit {
     tx: mpsc::Sender<Cmd>,
     shared: Arc<Shared>,
+    /// Queue depth and write latency, for the metrics endpoint.
+    pub metrics: Arc<AuditMetrics>,
 }
 
 impl Audit {
@@ -129,7 +131,8 @@ impl Audit {
             stopped: Default::default(),
         });
         let (tx, rx) = mpsc::channel();
-        let audit = Audit { tx, shared: shared.clone() };
+        let metrics = Arc::new(AuditMetrics::default());
+        let audit = Audit { tx, shared: shared.clone(), metrics: metrics.clone() };
         if let Some(r) = recovery {
             audit.record(Event::Recovery {
                 segment: r.segment.display().to_string(),
@@ -140,7 +143,8 @@ impl Audit {
             });
         }
         info!(dir = %cfg.dir.display(), next_seq = log.next_seq(), fsync = %cfg.fsync, "audit log open");
-        let mut writer = Writer { log, cfg, shared, loss: None, last_sync: Instant::now(), last_retention: None };
+        let mut writer =
+            Writer { log, cfg, shared, metrics, loss: None, last_sync: Instant::now(), last_retention: None };
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || {
@@ -193,6 +197,7 @@ impl Audit {
     pub fn record(&self, event: Event) {
         let payload = self.encode(event);
         self.shared.stats.queued.fetch_add(1, Ordering::Relaxed);
+        self.metrics.queued();
         let _ = self.tx.send(Cmd::Record(payload));
     }
 
@@ -216,6 +221,7 @@ impl Audit {
         let payload = self.encode(event);
         let (done, wait) = oneshot::channel();
         self.shared.stats.queued.fetch_add(1, Ordering::Relaxed);
+        self.metrics.queued();
         self.tx.send(Cmd::Durable(payload, done)).map_err(|_| AuditError::Stopped)?;
         match wait.await {
             Ok(Ok(seq)) => Ok(seq),
@@ -316,6 +322,7 @@ struct Writer {
     log: log::LogWriter,
     cfg: AuditConfig,
     shared: Arc<Shared>,
+    metrics: Arc<AuditMetrics>,
     /// Records lost since writing last worked: (records, durable, first_ms, last_ms, error).
     loss: Option<(u64, u64, u64, u64, String)>,
     last_sync: Instant,
@@ -344,7 +351,19 @@ impl Writer {
                         }
                     }
                     let rotations = self.log.rotations();
+                    let (started, written, lost) = (
+                        Instant::now(),
+                        self.shared.stats.written.load(Ordering::Relaxed),
+                        self.shared.stats.lost.load(Ordering::Relaxed),
+                    );
                     self.process(batch);
+                    let took = started.elapsed();
+                    let written = self.shared.stats.written.load(Ordering::Relaxed) - written;
+                    let lost = self.shared.stats.lost.load(Ordering::Relaxed) - lost;
+                    self.metrics.written(written, took, true);
+                    if lost > 0 {
+                        self.metrics.written(lost, took, false);
+                    }
                     if self.log.rotations() != rotations {
                         self.retention();
                     }

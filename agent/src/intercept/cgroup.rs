@@ -104,21 +104,58 @@ pub fn unit_of(rel: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// The cgroup of a systemd unit, relative to the mount. Asks systemd when it
-/// runs (`ControlGroup` property); otherwise looks for a directory of that
-/// name in the tree (a unit's cgroup is `<slices>/<unit>`).
+/// The cgroup of a systemd unit, relative to the mount, when it exists now.
+/// Asks systemd when it runs (`ControlGroup` property); otherwise looks for a
+/// directory of that name in the tree (a unit's cgroup is `<slices>/<unit>`).
 pub fn unit_cgroup(mount: &Path, unit: &str) -> Option<String> {
-    if let Ok(out) = std::process::Command::new("systemctl")
-        .args(["show", "--property=ControlGroup", "--value", unit])
-        .stderr(std::process::Stdio::null())
-        .output()
-    {
-        let cg = String::from_utf8_lossy(&out.stdout).trim().trim_start_matches('/').to_string();
-        if out.status.success() && !cg.is_empty() && mount.join(&cg).is_dir() {
+    if let Some(cg) = systemctl_show(unit, "ControlGroup").and_then(|v| parse_control_group(&v)) {
+        if mount.join(&cg).is_dir() {
             return Some(cg);
         }
     }
     find_unit_dir(mount, unit)
+}
+
+/// Where a unit's cgroup will be once it runs, from systemd's `Slice`
+/// property (a stopped unit has no `ControlGroup`, but its slice is known).
+/// None without systemd.
+pub fn unit_cgroup_hint(unit: &str) -> Option<String> {
+    let slice = systemctl_show(unit, "Slice")?;
+    let base = slice_path(slice.trim())?;
+    Some(if base.is_empty() { unit.to_string() } else { format!("{base}/{unit}") })
+}
+
+fn systemctl_show(unit: &str, property: &str) -> Option<String> {
+    let out = std::process::Command::new("systemctl")
+        .args(["show", &format!("--property={property}"), "--value", "--", unit])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `systemctl show -p ControlGroup --value` prints `/system.slice/x.service`
+/// for a running unit and nothing for a stopped one.
+fn parse_control_group(out: &str) -> Option<String> {
+    let cg = out.trim().trim_start_matches('/');
+    (!cg.is_empty()).then(|| cg.to_string())
+}
+
+/// The cgroup path of a slice, relative to the mount: every dash-separated
+/// prefix is a parent slice (`a-b.slice` → `a.slice/a-b.slice`), and the
+/// root slice `-.slice` is the mount itself (`""`).
+pub fn slice_path(slice: &str) -> Option<String> {
+    let name = slice.strip_suffix(".slice")?;
+    if name == "-" {
+        return Some(String::new());
+    }
+    if name.is_empty() || name.starts_with('-') || name.ends_with('-') || name.contains("--") || name.contains('/') {
+        return None;
+    }
+    let parts: Vec<&str> = name.split('-').collect();
+    let path: Vec<String> = (1..=parts.len()).map(|n| format!("{}.slice", parts[..n].join("-"))).collect();
+    Some(path.join("/"))
 }
 
 fn find_unit_dir(mount: &Path, unit: &str) -> Option<String> {
@@ -226,6 +263,30 @@ mod tests {
         );
         assert_eq!(unit_of("portcullis.slice/ci"), None);
         assert_eq!(unit_of(""), None);
+    }
+
+    #[test]
+    fn slice_paths_follow_systemd_naming() {
+        assert_eq!(slice_path("system.slice").as_deref(), Some("system.slice"));
+        assert_eq!(slice_path("-.slice").as_deref(), Some(""));
+        assert_eq!(slice_path("portcullis.slice").as_deref(), Some("portcullis.slice"));
+        assert_eq!(
+            slice_path("user-1000-app.slice").as_deref(),
+            Some("user.slice/user-1000.slice/user-1000-app.slice")
+        );
+        assert_eq!(slice_path("x.service"), None);
+        assert_eq!(slice_path("a--b.slice"), None);
+        assert_eq!(slice_path("-a.slice"), None);
+    }
+
+    #[test]
+    fn control_group_output() {
+        assert_eq!(
+            parse_control_group("/system.slice/runner.service\n").as_deref(),
+            Some("system.slice/runner.service")
+        );
+        assert_eq!(parse_control_group("\n"), None);
+        assert_eq!(parse_control_group(""), None);
     }
 
     #[test]

@@ -74,6 +74,7 @@ async fn handle(enforcer: Arc<Enforcer>, stream: TcpStream, peer: SocketAddr) {
         let decision =
             Decision::deny(role.as_deref(), "targets", format!("{orig_dst} matches no target of the policy in force"));
         Stats::inc(&enforcer.stats.denied);
+        enforcer.stats.decision(&decision, "", "");
         info!(session = %id, orig_dst = %orig_dst, tgid = caller.tgid, uid = caller.uid, unit = caller.unit.as_deref().unwrap_or("-"),
               exe = caller.exe.as_deref().unwrap_or("-"), verdict = "deny", reason = %decision.reason, "connection");
         enforcer.audit.record(Event::SessionStart {
@@ -114,6 +115,7 @@ async fn handle(enforcer: Arc<Enforcer>, stream: TcpStream, peer: SocketAddr) {
         orig_dst,
         role: role.clone(),
     });
+    enforcer.stats.decision(&decision, &target.name, target.protocol.name());
     let decision_event = Event::Decision { session: id, request, decision: DecisionInfo::from(&decision) };
     if decision.verdict == Verdict::Allow {
         Stats::inc(&enforcer.stats.allowed);

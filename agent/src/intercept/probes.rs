@@ -312,6 +312,26 @@ impl Probes {
     }
 }
 
+/// Loads `object` and every program in it through the verifier, without
+/// pinning or attaching anything (for `portcullis doctor`). Returns the
+/// program names.
+pub fn verify_object(object: &[u8]) -> Result<Vec<String>, ProbeError> {
+    if object.is_empty() {
+        return Err(ProbeError::NoObject);
+    }
+    let mut ebpf = EbpfLoader::new().load(object)?;
+    let mut names = Vec::new();
+    for name in SOCK_ADDR_PROGS {
+        let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+        prog.load().map_err(|source| ProbeError::Program { name, source })?;
+        names.push(name.to_string());
+    }
+    let prog: &mut SockOps = program(&mut ebpf, PROG_SOCK_OPS)?;
+    prog.load().map_err(|source| ProbeError::Program { name: PROG_SOCK_OPS, source })?;
+    names.push(PROG_SOCK_OPS.to_string());
+    Ok(names)
+}
+
 /// The kernel's connection records, read and deleted on accept.
 pub struct ConnTable {
     map: MapData,
@@ -375,7 +395,8 @@ fn repin(
     pin(&path).map_err(|e| ProbeError::Io { what: "cannot pin program", path, source: io::Error::other(e) })
 }
 
-fn maps_dir(pin_dir: &Path) -> PathBuf {
+/// Where the pinned maps of this layout version live.
+pub fn maps_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join(format!("maps-v{MAP_LAYOUT_VERSION}"))
 }
 

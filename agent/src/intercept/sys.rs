@@ -11,6 +11,7 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 const BPF_LINK_UPDATE: libc::c_long = 29;
@@ -57,4 +58,29 @@ pub fn map_lookup_and_delete<K, V>(map: BorrowedFd<'_>, key: &K, value: &mut V) 
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Counts a map's keys (at most `limit`, since entries may come and go
+/// while walking an LRU map).
+pub fn map_count_keys(map: BorrowedFd<'_>, key_size: usize, limit: u64) -> io::Result<u64> {
+    let mut cur = vec![0u8; key_size.max(1)];
+    let mut next = vec![0u8; key_size.max(1)];
+    let mut n = 0;
+    let mut first = true;
+    while n < limit {
+        // struct { u32 map_fd; u32 pad; u64 key; u64 next_key }
+        let mut attr = [0u64; 3];
+        attr[0] = map.as_raw_fd() as u32 as u64;
+        attr[1] = if first { 0 } else { cur.as_ptr() as u64 };
+        attr[2] = next.as_mut_ptr() as u64;
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr, 24) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+        std::mem::swap(&mut cur, &mut next);
+        first = false;
+        n += 1;
+    }
+    Ok(n)
 }
