@@ -47,7 +47,7 @@ enum Task {
     },
     /// Benchmarks: direct vs through portcullis (and a reference tool).
     Bench {
-        /// Which: tcp (more join as they land).
+        /// Which: http, or all.
         #[arg(default_value = "all")]
         which: String,
     },
@@ -144,7 +144,13 @@ fn setup(bench: bool) -> Result<()> {
         ("bpftool", "bpftool"),
     ];
     if bench {
-        pkgs.extend([("haproxy", "haproxy"), ("pgbouncer", "pgbouncer"), ("nginx", "nginx"), ("wrk", "wrk")]);
+        pkgs.extend([
+            ("haproxy", "haproxy"),
+            ("pgbouncer", "pgbouncer"),
+            ("nginx", "nginx"),
+            ("wrk", "wrk"),
+            ("openssl", "openssl"),
+        ]);
     }
     let missing: Vec<&str> = pkgs
         .iter()

@@ -467,7 +467,11 @@ target = "api"
         assert_eq!(v("agent", "PUT", "/repos/a/releases/1"), Verdict::Approve);
         assert_eq!(v("agent", "DELETE", "/repos/a/issues"), Verdict::Deny);
         assert_eq!(v("agent", "GET", "/admin/users"), Verdict::Deny, "a path-scoped deny beats the read class");
-        assert_eq!(v("agent", "DELETE", "/repos/a/wiki/page"), Verdict::Allow, "a path-scoped allow beats a class deny");
+        assert_eq!(
+            v("agent", "DELETE", "/repos/a/wiki/page"),
+            Verdict::Allow,
+            "a path-scoped allow beats a class deny"
+        );
         assert_eq!(v("agent", "GET", "/repos/a/wiki/secret/x"), Verdict::Deny, "equal rank: deny wins");
         assert_eq!(v("ws", "PATCH", "/anything"), Verdict::Allow, "`*`");
         assert_eq!(v("ws", "GET", "/private/x"), Verdict::Deny);
@@ -492,7 +496,12 @@ target = "api"
     fn http_limits_body_size_and_upgrades() {
         let p = parse(HTTP_POLICY).unwrap();
         let t = p.target("api").unwrap();
-        let req = |method, content_length, websocket| HttpRequest { method, path: "/repos/a/issues", content_length, websocket };
+        let req = |method, content_length, websocket| HttpRequest {
+            method,
+            path: "/repos/a/issues",
+            content_length,
+            websocket,
+        };
         let d = decide_http(&p, Some("agent"), t, &req("POST", Some(1024), false));
         assert_eq!(d.decision.verdict, Verdict::Allow);
         assert_eq!(d.max_body, Some(1024));
@@ -506,7 +515,12 @@ target = "api"
         assert_eq!(d.decision.verdict, Verdict::Allow);
         assert_eq!(d.max_body, None);
         // A denial by pattern is not turned into a size denial.
-        let d = decide_http(&p, Some("agent"), t, &HttpRequest { method: "DELETE", path: "/x", content_length: Some(9999), websocket: false });
+        let d = decide_http(
+            &p,
+            Some("agent"),
+            t,
+            &HttpRequest { method: "DELETE", path: "/x", content_length: Some(9999), websocket: false },
+        );
         assert!(!d.too_large);
     }
 
@@ -514,7 +528,12 @@ target = "api"
     fn http_decision_on_a_non_http_target_is_denied() {
         let p = parse(HTTP_POLICY).unwrap();
         let db = p.target("db").unwrap();
-        let d = decide_http(&p, Some("agent"), db, &HttpRequest { method: "GET", path: "/", content_length: None, websocket: false });
+        let d = decide_http(
+            &p,
+            Some("agent"),
+            db,
+            &HttpRequest { method: "GET", path: "/", content_length: None, websocket: false },
+        );
         assert_eq!(d.decision.verdict, Verdict::Deny);
     }
 

@@ -5,7 +5,8 @@ pub mod load;
 pub mod model;
 
 pub use decide::{
-    binding_for, decide_classes, decide_http, decide_session, role_for, Decision, HttpDecision, HttpRequest, Subject, Verdict,
+    binding_for, decide_classes, decide_http, decide_session, role_for, Decision, HttpDecision, HttpRequest, Subject,
+    Verdict,
 };
 pub use load::{load_file, parse, PolicyError, PolicyErrors};
 pub use model::*;

@@ -296,7 +296,8 @@ impl Credentials {
             }
             "header" => {
                 let name = self.header.as_deref().ok_or("scheme header needs `header = \"Header-Name\"`")?;
-                let valid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+                let valid = !name.is_empty()
+                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
                 if !valid {
                     return Err(format!("`{name}` is not a valid header name"));
                 }

@@ -162,7 +162,10 @@ where
         Err(e) => match e.downcast_ref::<hyper::Error>() {
             Some(h) if h.is_incomplete_message() || h.is_canceled() || h.is_closed() => Ok(()),
             _ if e.downcast_ref::<io::Error>().is_some_and(|io| {
-                matches!(io.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof)
+                matches!(
+                    io.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof
+                )
             }) =>
             {
                 Ok(())
@@ -270,7 +273,8 @@ impl Proxy {
                 .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
                 .unwrap_or_default(),
         };
-        let mut info = HttpInfo { seq, method: method.as_str().to_string(), host: shown_host, path: raw_path.to_string() };
+        let mut info =
+            HttpInfo { seq, method: method.as_str().to_string(), host: shown_host, path: raw_path.to_string() };
 
         if self.admission.verdict != Verdict::Allow {
             return Err(self.refuse(&info, &self.admission, StatusCode::FORBIDDEN));
@@ -278,7 +282,8 @@ impl Proxy {
         let host = match host {
             Ok(h) => h,
             Err(e) => {
-                let d = Decision::deny(self.role.as_deref(), format!("targets.{}.hosts", self.target.name), e.to_string());
+                let d =
+                    Decision::deny(self.role.as_deref(), format!("targets.{}.hosts", self.target.name), e.to_string());
                 return Err(self.refuse(&info, &d, StatusCode::FORBIDDEN));
             }
         };
@@ -299,11 +304,8 @@ impl Proxy {
             return Err(self.refuse(&info, &d, StatusCode::FORBIDDEN));
         };
         let websocket = request::is_websocket_upgrade(req.headers());
-        let content_length = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let content_length =
+            req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         let hd = decide_http(
             &policy,
             self.role.as_deref(),
@@ -349,16 +351,7 @@ impl Proxy {
             ));
         }
         Stats::inc(&self.enforcer.stats.allowed);
-        Ok(Admitted {
-            seq,
-            method,
-            host,
-            authority,
-            path,
-            decision: hd.decision,
-            max_body: hd.max_body,
-            websocket,
-        })
+        Ok(Admitted { seq, method, host, authority, path, decision: hd.decision, max_body: hd.max_body, websocket })
     }
 
     /// Records and answers a denial.
@@ -473,6 +466,8 @@ impl Proxy {
         }
         let (mut parts, incoming) = resp.into_parts();
         request::strip_hop_by_hop(&mut parts.headers, false);
+        // The caller's side writes its own version.
+        parts.version = Version::HTTP_11;
         let on_end = Box::new(EndRecorder { proxy: self.clone(), info, status });
         let body = self.response_body(&parts, ResponseBody::new(incoming, exchange, on_end));
         Response::from_parts(parts, body)

@@ -102,10 +102,12 @@ pub fn normalise_host(h: &str) -> String {
 /// A target host entry: an exact name, or `*.domain` for any name below it.
 pub fn host_matches(pattern: &str, host: &str) -> bool {
     match pattern.strip_prefix("*.") {
-        Some(domain) => host.len() > domain.len() + 1 && host.ends_with(domain) && {
-            let cut = host.len() - domain.len();
-            host.as_bytes()[cut - 1] == b'.'
-        },
+        Some(domain) => {
+            host.len() > domain.len() + 1 && host.ends_with(domain) && {
+                let cut = host.len() - domain.len();
+                host.as_bytes()[cut - 1] == b'.'
+            }
+        }
         None => pattern == host,
     }
 }
@@ -279,7 +281,9 @@ impl Injection {
             Ok::<_, InjectionError>(v)
         };
         Ok(match spec {
-            HttpInjection::Bearer(r) => Injection::Authorization(sensitive(format!("Bearer {}", resolve(r)?.expose()))?),
+            HttpInjection::Bearer(r) => {
+                Injection::Authorization(sensitive(format!("Bearer {}", resolve(r)?.expose()))?)
+            }
             HttpInjection::Basic { user, secret } => {
                 let pair = format!("{user}:{}", resolve(secret)?.expose());
                 let enc = base64::engine::general_purpose::STANDARD.encode(pair);
@@ -384,10 +388,7 @@ mod tests {
         assert!(matches!(check(None, Some("api.example.test:8443"), sni, true), Err(RequestError::Port { .. })));
         assert_eq!(check(None, None, sni, true), Err(RequestError::NoHost));
         // The SNI itself must be a target host.
-        assert!(matches!(
-            check(None, Some("evil.test"), Some("evil.test"), true),
-            Err(RequestError::UnknownHost(_))
-        ));
+        assert!(matches!(check(None, Some("evil.test"), Some("evil.test"), true), Err(RequestError::UnknownHost(_))));
         assert_eq!(
             check(None, Some("a.cdn.example.test"), Some("a.cdn.example.test"), true).unwrap(),
             "a.cdn.example.test"
