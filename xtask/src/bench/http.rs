@@ -56,6 +56,9 @@ impl Via {
 
 const VIAS: [Via; 3] = [Via::Direct, Via::Portcullis, Via::Nginx];
 
+/// TLS or not, response size, path.
+type Case = (bool, &'static str, Via);
+
 pub fn run() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -139,7 +142,7 @@ impl Bench {
             wait_port(port).with_context(|| format!("port {port} (tls: {tls}) did not open"))?;
         }
 
-        let mut results: HashMap<(bool, &str, Via), Vec<(f64, f64)>> = HashMap::new();
+        let mut results: HashMap<Case, Vec<(f64, f64)>> = HashMap::new();
         for rep in 0..reps {
             for tls in [false, true] {
                 for (size, _) in SIZES {
@@ -493,7 +496,10 @@ fn cgroup2_mount() -> Option<PathBuf> {
     let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
     info.lines().find_map(|line| {
         let (pre, post) = line.split_once(" - ")?;
-        post.starts_with("cgroup2 ").then(|| PathBuf::from(pre.split_whitespace().nth(4)?))
+        if !post.starts_with("cgroup2 ") {
+            return None;
+        }
+        pre.split_whitespace().nth(4).map(PathBuf::from)
     })
 }
 
