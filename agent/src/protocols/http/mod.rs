@@ -49,7 +49,7 @@ use crate::{
     audit::{Audit, DecisionInfo, Event, RequestInfo},
     enforcer::{Enforcer, Stats},
     ids::{OrigDst, SessionId},
-    policy::{decide_http, is_read_method, Decision, HttpRequest, Protocol, Target, Verdict},
+    policy::{decide_http, is_read_method, Decision, HttpRequest, Target, Verdict},
     tls::{LocalCa, TlsError},
 };
 
@@ -254,7 +254,7 @@ impl Proxy {
         let method = req.method().clone();
         let raw_path = req.uri().path();
         let policy = self.enforcer.policy();
-        let target = policy.target(&self.target.name).filter(|t| t.protocol == Protocol::Http);
+        let target = policy.target(&self.target.name).filter(|t| t.protocol == self.target.protocol);
         let hosts = target.map_or(&self.target.hosts, |t| &t.hosts);
         let host = check_host(
             req.uri().authority(),
@@ -299,7 +299,10 @@ impl Proxy {
             let d = Decision::deny(
                 self.role.as_deref(),
                 "targets",
-                format!("target {} is no longer an http target of the policy in force", self.target.name),
+                format!(
+                    "target {} is no longer a {} target of the policy in force",
+                    self.target.name, self.target.protocol
+                ),
             );
             return Err(self.refuse(&info, &d, StatusCode::FORBIDDEN));
         };
@@ -381,7 +384,13 @@ impl Proxy {
 
     /// Sends an admitted request upstream with the target's credentials and
     /// streams the response back.
-    pub async fn forward(self: &Arc<Self>, mut req: Request<Incoming>, a: Admitted) -> Response<Body> {
+    /// The body may be the caller's as received or one rebuilt by a module
+    /// that inspected it (git reads the head of a push).
+    pub async fn forward<B>(self: &Arc<Self>, mut req: Request<B>, a: Admitted) -> Response<Body>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<body::BoxError>,
+    {
         let exchange = Arc::new(Exchange::default());
         let info = HttpInfo { seq: a.seq, method: a.method.as_str().to_string(), host: a.host, path: a.path };
         let injection = match &self.injection {
