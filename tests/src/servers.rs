@@ -148,3 +148,354 @@ impl Drop for EchoServer {
         let _ = TcpStream::connect(self.addr);
     }
 }
+
+/// One request an [`HttpServer`] saw.
+#[derive(Debug, Clone, Default)]
+pub struct SeenRequest {
+    pub method: String,
+    /// Path and query as received.
+    pub uri: String,
+    /// The host the request named: `:authority` (HTTP/2) or Host.
+    pub authority: String,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
+    /// Header names in lower case, in order.
+    pub headers: Vec<(String, String)>,
+    /// Body bytes received (set when the body has been read).
+    pub body_len: u64,
+}
+
+impl SeenRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    pub fn header_all(&self, name: &str) -> Vec<&str> {
+        self.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).collect()
+    }
+}
+
+#[derive(Default)]
+struct HttpState {
+    seen: std::sync::Mutex<Vec<SeenRequest>>,
+    progress: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    gates: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Notify>>>,
+}
+
+impl HttpState {
+    fn gate(&self, id: &str) -> Arc<tokio::sync::Notify> {
+        self.gates.lock().unwrap().entry(id.to_string()).or_default().clone()
+    }
+}
+
+/// The byte at offset `i` of every generated body (`/bytes/N`), so clients
+/// can check what they got without a copy.
+pub fn pattern_byte(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+/// Sum of the pattern's first `n` bytes.
+pub fn pattern_sum(n: u64) -> u64 {
+    let full = n / 251;
+    let rest = n % 251;
+    full * (250 * 251 / 2) + rest * (rest.saturating_sub(1)) / 2
+}
+
+/// A real HTTP/1.1 + HTTP/2 server on loopback, plain or TLS with its own
+/// test CA, that records every request it sees (headers included).
+///
+/// Routes: `GET /bytes/N[?gate=ID]` streams N pattern bytes (with a gate, it
+/// stops halfway until `POST /release/ID`); `POST|PUT /upload[?id=ID]`
+/// reads the body as it streams (progress at `GET /progress/ID`) and answers
+/// `{"received":N,"sum":S}`; `GET /redirect?to=URL` answers 302; a
+/// WebSocket upgrade on any path is accepted and echoes raw bytes; anything
+/// else answers `{"method","path","query"}` as JSON.
+pub struct HttpServer {
+    pub addr: SocketAddr,
+    /// The test CA's certificate (PEM file), for TLS servers.
+    pub ca_file: Option<std::path::PathBuf>,
+    state: Arc<HttpState>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl HttpServer {
+    /// Plain HTTP on `bind`.
+    pub fn plain(bind: &str) -> HttpServer {
+        HttpServer::start(bind, None)
+    }
+
+    /// HTTPS on `bind` with a certificate for `names` (DNS names or IPs)
+    /// from a fresh test CA.
+    pub fn tls(bind: &str, names: &[&str]) -> HttpServer {
+        HttpServer::start(bind, Some(names))
+    }
+
+    fn start(bind: &str, names: Option<&[&str]>) -> HttpServer {
+        let dir = tempfile::tempdir().unwrap();
+        let (acceptor, ca_file) = match names {
+            None => (None, None),
+            Some(names) => {
+                let (cfg, ca_pem) = test_tls_config(names);
+                let ca_file = dir.path().join("test-ca.pem");
+                std::fs::write(&ca_file, ca_pem).unwrap();
+                (Some(tokio_rustls::TlsAcceptor::from(cfg)), Some(ca_file))
+            }
+        };
+        let listener = TcpListener::bind(bind).unwrap_or_else(|e| panic!("bind {bind}: {e}"));
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(HttpState::default());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let st = state.clone();
+        let thread = thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let mut rx = rx;
+                loop {
+                    tokio::select! {
+                        _ = &mut rx => break,
+                        acc = listener.accept() => {
+                            let Ok((stream, _)) = acc else { continue };
+                            let _ = stream.set_nodelay(true);
+                            let st = st.clone();
+                            let acceptor = acceptor.clone();
+                            tokio::spawn(async move {
+                                match acceptor {
+                                    None => serve_http(stream, st).await,
+                                    Some(a) => {
+                                        if let Ok(tls) = a.accept(stream).await {
+                                            serve_http(tls, st).await;
+                                        }
+                                    }
+                                }
+                            });
+                        }
+                    }
+                }
+            });
+            rt.shutdown_background();
+        });
+        HttpServer { addr, ca_file, state, shutdown: Some(tx), thread: Some(thread), _dir: dir }
+    }
+
+    /// Every request seen so far, in arrival order.
+    pub fn requests(&self) -> Vec<SeenRequest> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    /// The requests whose path starts with `prefix`.
+    pub fn requests_to(&self, prefix: &str) -> Vec<SeenRequest> {
+        self.requests().into_iter().filter(|r| r.uri.starts_with(prefix)).collect()
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A server configuration with a leaf for `names` signed by a fresh CA;
+/// returns it and the CA's PEM.
+pub fn test_tls_config(names: &[&str]) -> (Arc<rustls::ServerConfig>, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::default();
+    ca_params.distinguished_name.push(DnType::CommonName, "portcullis tests upstream CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = names
+        .iter()
+        .map(|n| match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName((*n).try_into().unwrap()),
+        })
+        .collect();
+    params.distinguished_name.push(DnType::CommonName, names[0]);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let der_key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone(), ca_cert.der().clone()], der_key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    (Arc::new(cfg), ca_cert.pem())
+}
+
+type TestBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>;
+
+async fn serve_http<S>(stream: S, state: Arc<HttpState>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let st = state.clone();
+        async move { Ok::<_, std::convert::Infallible>(route(req, st).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let _ = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service).await;
+}
+
+fn text(status: u16, body: String) -> hyper::Response<TestBody> {
+    use http_body_util::BodyExt;
+    hyper::Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)).map_err(|e| match e {}).boxed())
+        .unwrap()
+}
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').find_map(|p| p.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
+}
+
+async fn route(mut req: hyper::Request<hyper::body::Incoming>, st: Arc<HttpState>) -> hyper::Response<TestBody> {
+    use http_body_util::BodyExt;
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let seen = SeenRequest {
+        method: req.method().to_string(),
+        uri: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        authority: req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| req.headers().get("host").map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned()))
+            .unwrap_or_default(),
+        version: format!("{:?}", req.version()),
+        headers: req
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect(),
+        body_len: 0,
+    };
+    let index = {
+        let mut s = st.seen.lock().unwrap();
+        s.push(seen);
+        s.len() - 1
+    };
+    let is_ws = req.headers().get("upgrade").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    if is_ws {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = hyper_util::rt::TokioIo::new(up);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        return hyper::Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+            .unwrap();
+    }
+    let method = req.method().clone();
+    if let Some(n) = path.strip_prefix("/bytes/") {
+        let Ok(n) = n.parse::<u64>() else { return text(400, "{}".into()) };
+        let gate = query_param(&query, "gate").map(|g| st.gate(g));
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>>(2);
+        tokio::spawn(async move {
+            let half = if gate.is_some() { n / 2 } else { n };
+            let send = |from: u64, to: u64| {
+                let tx = tx.clone();
+                async move {
+                    let mut off = from;
+                    while off < to {
+                        let len = (to - off).min(64 * 1024);
+                        let chunk: Vec<u8> = (off..off + len).map(pattern_byte).collect();
+                        off += len;
+                        if tx.send(Ok(hyper::body::Frame::data(chunk.into()))).await.is_err() {
+                            return false;
+                        }
+                    }
+                    true
+                }
+            };
+            if !send(0, half).await {
+                return;
+            }
+            if let Some(g) = gate {
+                g.notified().await;
+            }
+            send(half, n).await;
+        });
+        let body = http_body_util::StreamBody::new(tokio_stream(rx));
+        return hyper::Response::builder()
+            .status(200)
+            .header("content-type", "application/octet-stream")
+            .header("content-length", n.to_string())
+            .body(body.boxed())
+            .unwrap();
+    }
+    if path == "/upload" && (method == "POST" || method == "PUT") {
+        let id = query_param(&query, "id").unwrap_or("").to_string();
+        let mut body = req.into_body();
+        let (mut n, mut sum) = (0u64, 0u64);
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return text(400, "{\"error\":\"body\"}".into()) };
+            if let Some(d) = frame.data_ref() {
+                n += d.len() as u64;
+                sum = d.iter().fold(sum, |s, b| s.wrapping_add(*b as u64));
+                st.progress.lock().unwrap().insert(id.clone(), n);
+            }
+        }
+        st.seen.lock().unwrap()[index].body_len = n;
+        return text(200, format!("{{\"received\":{n},\"sum\":{sum}}}"));
+    }
+    if let Some(id) = path.strip_prefix("/progress/") {
+        let n = st.progress.lock().unwrap().get(id).copied().unwrap_or(0);
+        return text(200, format!("{{\"received\":{n}}}"));
+    }
+    if let Some(id) = path.strip_prefix("/release/") {
+        st.gate(id).notify_one();
+        return text(200, "{}".into());
+    }
+    if path == "/redirect" {
+        let to = query_param(&query, "to").unwrap_or("/").to_string();
+        return hyper::Response::builder()
+            .status(302)
+            .header("location", to)
+            .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+            .unwrap();
+    }
+    // Drain any body so its length is recorded.
+    let mut body = req.into_body();
+    let mut n = 0u64;
+    while let Some(Ok(frame)) = body.frame().await {
+        n += frame.data_ref().map_or(0, |d| d.len() as u64);
+    }
+    st.seen.lock().unwrap()[index].body_len = n;
+    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    text(200, format!("{{\"method\":\"{}\",\"path\":\"{}\",\"query\":\"{}\"}}", method, esc(&path), esc(&query)))
+}
+
+/// A receiver as a stream of frames.
+fn tokio_stream<T>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_core::Stream<Item = T> {
+    struct S<T>(tokio::sync::mpsc::Receiver<T>);
+    impl<T> futures_core::Stream for S<T> {
+        type Item = T;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<T>> {
+            self.0.poll_recv(cx)
+        }
+    }
+    S(rx)
+}

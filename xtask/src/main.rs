@@ -57,7 +57,7 @@ enum Task {
     },
     /// Benchmarks: direct vs through portcullis (and a reference tool).
     Bench {
-        /// Which: audit, or all (more join as they land).
+        /// Which: tcp, http, audit, masking, or all.
         #[arg(default_value = "all")]
         which: String,
     },
@@ -166,7 +166,13 @@ pub fn setup(bench: bool) -> Result<()> {
         ("unshare", "util-linux"),
     ];
     if bench {
-        pkgs.extend([("haproxy", "haproxy"), ("pgbouncer", "pgbouncer"), ("nginx", "nginx"), ("wrk", "wrk")]);
+        pkgs.extend([
+            ("haproxy", "haproxy"),
+            ("pgbouncer", "pgbouncer"),
+            ("nginx", "nginx"),
+            ("wrk", "wrk"),
+            ("openssl", "openssl"),
+        ]);
     }
     let missing: Vec<&str> = pkgs
         .iter()

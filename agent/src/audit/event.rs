@@ -71,13 +71,24 @@ pub enum RequestInfo {
         #[serde(default)]
         tables: Vec<String>,
     },
-    /// One HTTP request.
+    /// One HTTP request. In its `decision` record `status` is set only when
+    /// portcullis answered itself (a denial); its `request_end` record has
+    /// the status and the bytes that passed.
     Http {
+        /// Order of the request in its session (HTTP/2 interleaves them).
+        seq: u64,
         method: String,
         host: String,
+        /// The path, without the query (which may carry secrets).
         path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<u16>,
+        /// Request body bytes forwarded upstream.
         #[serde(default)]
-        classes: Vec<String>,
+        bytes_up: u64,
+        /// Response body bytes passed to the caller.
+        #[serde(default)]
+        bytes_down: u64,
     },
     /// A git smart-HTTP request: fetch, or a push with its ref updates.
     Git {
@@ -156,6 +167,16 @@ pub enum Event {
         session: SessionId,
         request: RequestInfo,
         decision: DecisionInfo,
+    },
+    /// A forwarded request finished: its status and the bytes that passed.
+    /// Its decision was recorded before it was forwarded.
+    RequestEnd {
+        session: SessionId,
+        request: RequestInfo,
+        /// Why it ended early, if it did (upstream error, body limit, the
+        /// caller went away).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
     },
     SessionEnd {
         session: SessionId,

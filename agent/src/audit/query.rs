@@ -151,7 +151,7 @@ fn apply(s: &mut SessionSummary, v: &Value) {
                 _ => {}
             }
         }
-        "response" => s.responses += 1,
+        "response" | "request_end" => s.responses += 1,
         "session_end" => {
             s.end_ms = v["time_ms"].as_u64();
             s.end_reason = opt_str(&v["reason"]);
@@ -333,6 +333,20 @@ pub fn replay_lines(records: &[SessionRecord]) -> Vec<(u64, String)> {
                         out.push((t, "<   … (cut at the recording cap)".into()));
                     }
                 }
+            }
+            "request_end" => {
+                let req = &v["request"];
+                let status = req["status"].as_u64().map_or_else(|| "no status".to_string(), |c| c.to_string());
+                let err = v["error"].as_str().map(|e| format!(", {e}")).unwrap_or_default();
+                out.push((
+                    t,
+                    format!(
+                        "< {status} for {} {} ({} bytes{err})",
+                        s(&req["method"]),
+                        s(&req["path"]),
+                        req["bytes_down"].as_u64().unwrap_or(0)
+                    ),
+                ));
             }
             "session_end" => out.push((
                 t,

@@ -158,6 +158,92 @@ fn list_name(v: Verdict) -> &'static str {
     }
 }
 
+/// An HTTP request as the decision sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpRequest<'a> {
+    pub method: &'a str,
+    /// The normalised path, without the query.
+    pub path: &'a str,
+    /// The declared body length, when the request declares one.
+    pub content_length: Option<u64>,
+    /// A WebSocket upgrade.
+    pub websocket: bool,
+}
+
+/// The decision on an HTTP request and the limits that apply while it is
+/// forwarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpDecision {
+    pub decision: Decision,
+    /// Largest body to forward; a streamed body that grows past it is cut.
+    pub max_body: Option<u64>,
+    /// Denied because the declared body is over `max_body` (413, not 403).
+    pub too_large: bool,
+}
+
+/// Decides an HTTP request. The entries of the role's rule that cover the
+/// request's method and path compete by specificity: a path-scoped entry
+/// (`GET /repos/**`) beats a class (`GET`, `read`), which beats `*`; among
+/// equally specific entries deny beats approve beats allow. No entry:
+/// denied. Then the rule's limits: a WebSocket upgrade needs
+/// `websocket = true`, a declared body must fit `max_body`. TRACE and
+/// CONNECT are never forwarded.
+pub fn decide_http(policy: &Policy, role: Option<&str>, target: &Target, req: &HttpRequest<'_>) -> HttpDecision {
+    let plain = |decision| HttpDecision { decision, max_body: None, too_large: false };
+    let (role, rule) = match rule_of(policy, role, target) {
+        Err(d) => return plain(d),
+        Ok(x) => x,
+    };
+    let rref = rule_ref(role, rule);
+    let deny = |reason: String| Decision::deny(Some(&role.name), rref.clone(), reason);
+    let Some(http) = rule.http.as_ref() else {
+        return plain(deny(format!("target {} is not an http target", target.name)));
+    };
+    let shown = format!("{} {}", req.method, req.path);
+    if matches!(req.method, "TRACE" | "CONNECT") {
+        return plain(deny(format!("{} is never forwarded", req.method)));
+    }
+    let lists = [(Verdict::Deny, &http.deny), (Verdict::Approve, &http.approve), (Verdict::Allow, &http.allow)];
+    let mut best: Option<(u8, Verdict, &HttpPattern)> = None;
+    for (verdict, list) in lists {
+        for p in list.iter().filter(|p| p.matches(req.method, req.path)) {
+            // Higher rank wins; at equal rank the first list (deny) stays.
+            if best.is_none_or(|(r, _, _)| p.rank() > r) {
+                best = Some((p.rank(), verdict, p));
+            }
+        }
+    }
+    let (mut verdict, mut reason) = match best {
+        None => (Verdict::Deny, format!("{shown} is not allowed (default deny)")),
+        Some((_, v, p)) => (v, format!("{shown} matches \"{}\" in {}", p.text, list_name(v))),
+    };
+    let mut too_large = false;
+    if verdict != Verdict::Deny {
+        if req.websocket && !http.websocket {
+            verdict = Verdict::Deny;
+            reason = format!("{shown}: WebSocket upgrades are not allowed (websocket = false)");
+        } else if let (Some(len), Some(max)) = (req.content_length, http.max_body) {
+            if len > max {
+                verdict = Verdict::Deny;
+                too_large = true;
+                reason = format!("{shown}: request body of {len} bytes is over max_body ({max} bytes)");
+            }
+        }
+    }
+    HttpDecision {
+        decision: Decision {
+            verdict,
+            role: Some(role.name.clone()),
+            rule: rref,
+            reason,
+            mask: rule.mask.clone(),
+            approval_timeout: rule.approval_timeout,
+        },
+        max_body: http.max_body,
+        too_large,
+    }
+}
+
 pub fn rule_ref(role: &Role, rule: &Rule) -> String {
     format!("roles.{}.rules[{}]", role.name, rule.index)
 }
@@ -344,6 +430,133 @@ role = "ops"
         let (v, why) = class_verdict(&rule, "connect");
         assert_eq!(v, Verdict::Deny);
         assert!(why.contains("default deny"));
+    }
+
+    const HTTP_POLICY: &str = r#"
+version = 1
+
+[[targets]]
+name = "api"
+protocol = "http"
+match = ["127.1.0.1:443"]
+hosts = ["api.example.test"]
+
+[[targets]]
+name = "db"
+protocol = "postgres"
+match = ["127.0.0.53:5432"]
+
+[[roles]]
+name = "agent"
+[[roles.rules]]
+target = "api"
+allow = ["read", "POST /repos/*/issues", "* /repos/*/wiki/**"]
+approve = ["PUT /repos/*/releases/**"]
+deny = ["DELETE", "* /admin/**", "GET /repos/*/wiki/secret/**"]
+max_body = "1KiB"
+[[roles.rules]]
+target = "db"
+allow = ["read"]
+
+[[roles]]
+name = "ws"
+[[roles.rules]]
+target = "api"
+allow = ["*"]
+deny = ["read /private/**"]
+websocket = true
+
+[[roles]]
+name = "empty"
+[[roles.rules]]
+target = "api"
+"#;
+
+    fn http(role: &str, method: &str, path: &str) -> HttpDecision {
+        let p = parse(HTTP_POLICY).expect("http policy parses");
+        let t = p.target("api").unwrap().clone();
+        decide_http(&p, Some(role), &t, &HttpRequest { method, path, content_length: None, websocket: false })
+    }
+
+    #[test]
+    fn http_paths_beat_classes_which_beat_the_wildcard() {
+        let v = |role: &str, m: &str, path: &str| http(role, m, path).decision.verdict;
+        assert_eq!(v("agent", "GET", "/repos/a"), Verdict::Allow, "read");
+        assert_eq!(v("agent", "HEAD", "/"), Verdict::Allow);
+        assert_eq!(v("agent", "POST", "/repos/a/issues"), Verdict::Allow);
+        assert_eq!(v("agent", "POST", "/repos/a/b/issues"), Verdict::Deny, "`*` stays within one segment");
+        assert_eq!(v("agent", "POST", "/repos/a/pulls"), Verdict::Deny, "default deny");
+        assert_eq!(v("agent", "PUT", "/repos/a/releases/1"), Verdict::Approve);
+        assert_eq!(v("agent", "DELETE", "/repos/a/issues"), Verdict::Deny);
+        assert_eq!(v("agent", "GET", "/admin/users"), Verdict::Deny, "a path-scoped deny beats the read class");
+        assert_eq!(
+            v("agent", "DELETE", "/repos/a/wiki/page"),
+            Verdict::Allow,
+            "a path-scoped allow beats a class deny"
+        );
+        assert_eq!(v("agent", "GET", "/repos/a/wiki/secret/x"), Verdict::Deny, "equal rank: deny wins");
+        assert_eq!(v("ws", "PATCH", "/anything"), Verdict::Allow, "`*`");
+        assert_eq!(v("ws", "GET", "/private/x"), Verdict::Deny);
+        assert_eq!(v("ws", "POST", "/private/x"), Verdict::Allow, "read covers GET, HEAD, OPTIONS only");
+        assert_eq!(v("empty", "GET", "/"), Verdict::Deny);
+        assert_eq!(v("nobody", "GET", "/"), Verdict::Deny);
+        let d = http("agent", "PUT", "/repos/a/releases/1").decision;
+        assert_eq!(d.rule, "roles.agent.rules[0]");
+        assert!(d.reason.contains("\"PUT /repos/*/releases/**\" in approve"), "{}", d.reason);
+    }
+
+    #[test]
+    fn trace_and_connect_are_never_forwarded() {
+        for m in ["TRACE", "CONNECT"] {
+            let d = http("ws", m, "/").decision;
+            assert_eq!(d.verdict, Verdict::Deny, "{m}");
+            assert!(d.reason.contains("never forwarded"));
+        }
+    }
+
+    #[test]
+    fn http_limits_body_size_and_upgrades() {
+        let p = parse(HTTP_POLICY).unwrap();
+        let t = p.target("api").unwrap();
+        let req = |method, content_length, websocket| HttpRequest {
+            method,
+            path: "/repos/a/issues",
+            content_length,
+            websocket,
+        };
+        let d = decide_http(&p, Some("agent"), t, &req("POST", Some(1024), false));
+        assert_eq!(d.decision.verdict, Verdict::Allow);
+        assert_eq!(d.max_body, Some(1024));
+        let d = decide_http(&p, Some("agent"), t, &req("POST", Some(1025), false));
+        assert_eq!(d.decision.verdict, Verdict::Deny);
+        assert!(d.too_large);
+        let d = decide_http(&p, Some("agent"), t, &req("GET", None, true));
+        assert_eq!(d.decision.verdict, Verdict::Deny);
+        assert!(d.decision.reason.contains("WebSocket"));
+        let d = decide_http(&p, Some("ws"), t, &req("GET", None, true));
+        assert_eq!(d.decision.verdict, Verdict::Allow);
+        assert_eq!(d.max_body, None);
+        // A denial by pattern is not turned into a size denial.
+        let d = decide_http(
+            &p,
+            Some("agent"),
+            t,
+            &HttpRequest { method: "DELETE", path: "/x", content_length: Some(9999), websocket: false },
+        );
+        assert!(!d.too_large);
+    }
+
+    #[test]
+    fn http_decision_on_a_non_http_target_is_denied() {
+        let p = parse(HTTP_POLICY).unwrap();
+        let db = p.target("db").unwrap();
+        let d = decide_http(
+            &p,
+            Some("agent"),
+            db,
+            &HttpRequest { method: "GET", path: "/", content_length: None, websocket: false },
+        );
+        assert_eq!(d.decision.verdict, Verdict::Deny);
     }
 
     #[test]

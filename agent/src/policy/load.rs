@@ -75,7 +75,7 @@ struct RawTarget {
     upstream: Option<Spanned<String>>,
     hosts: Option<Vec<Spanned<String>>>,
     tls: Option<RawTls>,
-    credentials: Option<RawCredentials>,
+    credentials: Option<Spanned<RawCredentials>>,
 }
 
 #[derive(Deserialize)]
@@ -127,6 +127,17 @@ struct RawRule {
     #[serde(default)]
     mask: Vec<Spanned<String>>,
     approval_timeout: Option<Spanned<String>>,
+    /// HTTP: largest request body forwarded (`"10MiB"` or a byte count).
+    max_body: Option<Spanned<RawSize>>,
+    /// HTTP: whether WebSocket upgrades may be forwarded.
+    websocket: Option<Spanned<bool>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(i64),
+    Text(String),
 }
 
 #[derive(Deserialize)]
@@ -432,19 +443,27 @@ fn target(errs: &mut Errors<'_>, names: &mut HashSet<String>, t: RawTarget) -> O
         server_name: r.server_name,
     });
     let credentials = t.credentials.map(|c| {
+        let at = c.span().start;
+        let c = c.into_inner();
         if let Some(s) = &c.scheme {
             if !["bearer", "basic", "header", "query"].contains(&s.get_ref().as_str()) {
                 errs.at_span(s, "scheme must be one of bearer, basic, header, query");
             }
         }
-        Credentials {
+        let creds = Credentials {
             user: c.user,
             password: c.password.and_then(|p| secret(errs, p)),
             token: c.token.and_then(|p| secret(errs, p)),
             scheme: c.scheme.map(Spanned::into_inner),
             header: c.header,
             query: c.query,
+        };
+        if protocol == Some(Protocol::Http) {
+            if let Err(e) = creds.http_injection() {
+                errs.at(at, format!("credentials: {e}"));
+            }
         }
+        creds
     });
     if errs.list.len() != before {
         return None;
@@ -493,10 +512,24 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
             continue;
         }
         let classes = target.protocol.request_classes();
+        let is_http = target.protocol == Protocol::Http;
         let mut lists: [Vec<String>; 3] = Default::default();
-        for (list, raw_list) in lists.iter_mut().zip([&raw.allow, &raw.approve, &raw.deny]) {
+        let mut http_lists: [Vec<HttpPattern>; 3] = Default::default();
+        for ((list, http_list), raw_list) in
+            lists.iter_mut().zip(http_lists.iter_mut()).zip([&raw.allow, &raw.approve, &raw.deny])
+        {
             for c in raw_list {
                 let name = c.get_ref();
+                if is_http {
+                    match http_pattern(name) {
+                        Ok(p) => {
+                            list.push(p.text.clone());
+                            http_list.push(p);
+                        }
+                        Err(e) => errs.at_span(c, e),
+                    }
+                    continue;
+                }
                 if name != "*" && !classes.contains(&name.as_str()) {
                     errs.at_span(
                         c,
@@ -528,6 +561,27 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
                 DEFAULT_APPROVAL_TIMEOUT
             }),
         };
+        let max_body = raw.max_body.as_ref().and_then(|m| match m.get_ref() {
+            RawSize::Bytes(n) if *n >= 0 => Some(*n as u64),
+            RawSize::Text(t) if parse_size(t).is_some() => parse_size(t),
+            _ => {
+                errs.at_span(m, "max_body must be a byte count or a size like \"512KiB\", \"10MiB\", \"1GiB\"");
+                None
+            }
+        });
+        let websocket = raw.websocket.as_ref().map(|w| *w.get_ref());
+        if !is_http {
+            if let Some(m) = &raw.max_body {
+                errs.at_span(m, format!("max_body applies to http targets; `{}` is {}", target.name, target.protocol));
+            }
+            if let Some(w) = &raw.websocket {
+                errs.at_span(w, format!("websocket applies to http targets; `{}` is {}", target.name, target.protocol));
+            }
+        }
+        let http = is_http.then(|| {
+            let [allow, approve, deny] = http_lists;
+            HttpRule { allow, approve, deny, max_body, websocket: websocket.unwrap_or(false) }
+        });
         let [allow, approve, deny] = lists;
         rules.push(Rule {
             target: target.name.clone(),
@@ -537,9 +591,68 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
             deny,
             mask: raw.mask.into_iter().map(Spanned::into_inner).collect(),
             approval_timeout,
+            http,
         });
     }
     (errs.list.len() == before).then(|| Role { name: r.name.into_inner(), rules })
+}
+
+/// Parses an HTTP rule entry: `*`, a class, or a class and a path glob.
+fn http_pattern(text: &str) -> Result<HttpPattern, String> {
+    let classes = Protocol::Http.request_classes();
+    let text = text.trim();
+    let (class, path) = match text.split_once(char::is_whitespace) {
+        None => (text, None),
+        Some((c, p)) => (c, Some(p.trim())),
+    };
+    if class != "*" && !classes.contains(&class) {
+        return Err(format!(
+            "`{class}` is not a request class of protocol http (expected one of: {}, or `*`, optionally followed by a path like `/repos/**`)",
+            classes.join(", ")
+        ));
+    }
+    let path = match path {
+        None => None,
+        Some(p) => {
+            if !p.starts_with('/') {
+                return Err(format!("path pattern `{p}` must start with `/`"));
+            }
+            if p.split('/').any(|seg| seg == "." || seg == "..") {
+                return Err(format!("path pattern `{p}` must not contain `.` or `..` segments"));
+            }
+            let glob = globset::GlobBuilder::new(p)
+                .literal_separator(true)
+                .backslash_escape(true)
+                .build()
+                .map_err(|e| format!("bad path pattern `{p}`: {e}"))?;
+            Some(glob.compile_matcher())
+        }
+    };
+    let text = match &path {
+        None => class.to_string(),
+        Some(_) => format!("{class} {}", text[class.len()..].trim()),
+    };
+    Ok(HttpPattern { class: class.to_string(), path, text })
+}
+
+/// `1024`, `512KiB`, `10MiB`, `1GiB` (binary) or `10KB`, `10MB`, `1GB`
+/// (decimal), optionally with `B`.
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 fn binding(errs: &mut Errors<'_>, policy: &Policy, index: usize, b: RawBinding) -> Option<Binding> {
@@ -692,6 +805,65 @@ approval_timeout = "soon"
     fn secrets_take_exactly_one_source() {
         let src = "version = 1\n[[targets]]\nname = \"c\"\nprotocol = \"postgres\"\nmatch = [\"127.0.0.1:1\"]\n[targets.credentials]\nuser = \"u\"\npassword = { file = \"/a\", env = \"B\" }\n";
         assert!(has(&errors(src), 8, "exactly one of"));
+    }
+
+    const HTTP_HEAD: &str = "version = 1\n[[targets]]\nname = \"api\"\nprotocol = \"http\"\nmatch = [\"127.1.0.1:443\"]\n[[targets]]\nname = \"t\"\nprotocol = \"tcp\"\nmatch = [\"127.0.0.1:1\"]\n[[roles]]\nname = \"r\"\n";
+
+    #[test]
+    fn http_rule_entries_and_limits_are_checked() {
+        let src = format!(
+            "{HTTP_HEAD}[[roles.rules]]\ntarget = \"api\"\nallow = [\"GET /ok/**\", \"FETCH /x\", \"GET repos\", \"GET /a/../b\", \"GET /[\"]\nmax_body = \"10 parsecs\"\n[[roles.rules]]\ntarget = \"t\"\nallow = [\"connect\"]\nmax_body = 10\nwebsocket = true\n"
+        );
+        let errs = errors(&src);
+        assert!(has(&errs, 14, "`FETCH` is not a request class of protocol http"), "{errs:?}");
+        assert!(has(&errs, 14, "must start with `/`"), "{errs:?}");
+        assert!(has(&errs, 14, "`..` segments"), "{errs:?}");
+        assert!(has(&errs, 14, "bad path pattern `/[`"), "{errs:?}");
+        assert!(!errs.iter().any(|e| e.message.contains("/ok/")), "{errs:?}");
+        assert!(has(&errs, 15, "max_body must be"), "{errs:?}");
+        assert!(has(&errs, 19, "max_body applies to http targets"), "{errs:?}");
+        assert!(has(&errs, 20, "websocket applies to http targets"), "{errs:?}");
+    }
+
+    #[test]
+    fn http_rules_compile_to_patterns() {
+        let src = format!(
+            "{HTTP_HEAD}[[roles.rules]]\ntarget = \"api\"\nallow = [\"read\", \"POST  /repos/*/issues\"]\ndeny = [\"*\"]\nmax_body = \"10MiB\"\nwebsocket = true\n"
+        );
+        let p = parse(&src).expect("valid");
+        let http = p.role("r").unwrap().rules[0].http.clone().expect("http part");
+        assert_eq!(http.max_body, Some(10 << 20));
+        assert!(http.websocket);
+        assert_eq!(http.allow[1].text, "POST /repos/*/issues");
+        assert_eq!(http.allow[1].rank(), 2);
+        assert!(http.allow[1].matches("POST", "/repos/a/issues"));
+        assert!(!http.allow[1].matches("POST", "/repos/a/b/issues"));
+        assert!(!http.allow[1].matches("GET", "/repos/a/issues"));
+        assert!(http.allow[0].matches("HEAD", "/x") && !http.allow[0].matches("POST", "/x"));
+        assert_eq!(http.deny[0].rank(), 0);
+        assert_eq!(parse_size("1024"), Some(1024));
+        assert_eq!(parse_size("2KB"), Some(2000));
+        assert_eq!(parse_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_size("1 TiB"), None);
+    }
+
+    #[test]
+    fn http_credentials_must_describe_an_injection() {
+        let cred = |body: &str| {
+            format!("version = 1\n[[targets]]\nname = \"api\"\nprotocol = \"http\"\nmatch = [\"127.1.0.1:443\"]\n[targets.credentials]\n{body}\n")
+        };
+        assert!(has(&errors(&cred("scheme = \"bearer\"\nuser = \"u\"")), 6, "scheme bearer needs a `token`"));
+        assert!(has(&errors(&cred("scheme = \"basic\"\ntoken = { env = \"T\" }")), 6, "needs a `user`"));
+        assert!(has(&errors(&cred("header = \"Host\"\ntoken = { env = \"T\" }")), 6, "cannot carry a credential"));
+        assert!(has(&errors(&cred("header = \"Bad Header\"\ntoken = { env = \"T\" }")), 6, "not a valid header name"));
+        assert!(has(&errors(&cred("query = \"a&b\"\ntoken = { env = \"T\" }")), 6, "not a valid query parameter"));
+        assert!(has(&errors(&cred("user = \"u\"")), 6, "scheme basic needs a `password`"));
+        let p = parse(&cred("header = \"X-Api-Key\"\ntoken = { env = \"T\" }")).expect("valid");
+        let c = p.target("api").unwrap().credentials.clone().unwrap();
+        assert!(matches!(c.http_injection(), Ok(HttpInjection::Header { name: "X-Api-Key", .. })));
+        let p = parse(&cred("user = \"u\"\npassword = { env = \"P\" }")).expect("valid");
+        let c = p.target("api").unwrap().credentials.clone().unwrap();
+        assert!(matches!(c.http_injection(), Ok(HttpInjection::Basic { user: "u", .. })));
     }
 
     #[test]

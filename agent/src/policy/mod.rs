@@ -4,7 +4,10 @@ pub mod decide;
 pub mod load;
 pub mod model;
 
-pub use decide::{binding_for, decide_classes, decide_session, revalidate, role_for, Decision, Subject, Verdict};
+pub use decide::{
+    binding_for, decide_classes, decide_http, decide_session, revalidate, role_for, Decision, HttpDecision,
+    HttpRequest, Subject, Verdict,
+};
 pub use load::{load_file, parse, PolicyError, PolicyErrors};
 pub use model::*;
 

@@ -244,6 +244,88 @@ pub struct Credentials {
     pub query: Option<String>,
 }
 
+/// How an HTTP target's credentials are presented upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpInjection<'a> {
+    /// `Authorization: Bearer <token>`.
+    Bearer(&'a SecretRef),
+    /// `Authorization: Basic base64(user:secret)`.
+    Basic { user: &'a str, secret: &'a SecretRef },
+    /// `<name>: <token>`.
+    Header { name: &'a str, token: &'a SecretRef },
+    /// `?<name>=<token>` added to the query.
+    Query { name: &'a str, token: &'a SecretRef },
+}
+
+/// Headers that never carry an injected credential: they frame or route
+/// the message.
+const RESERVED_HEADERS: [&str; 12] = [
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+    "content-type",
+    "cookie",
+    "http2-settings",
+];
+
+impl Credentials {
+    /// The injection an HTTP target's credentials describe: `scheme` if
+    /// given, else `header` or `query` when named, else bearer for a token
+    /// or basic for a user and password.
+    pub fn http_injection(&self) -> Result<HttpInjection<'_>, String> {
+        let scheme = match self.scheme.as_deref() {
+            Some(s) => s,
+            None if self.header.is_some() => "header",
+            None if self.query.is_some() => "query",
+            None if self.token.is_some() => "bearer",
+            None if self.user.is_some() => "basic",
+            None => return Err("an http target's credentials need a `token` (or `user` and `password`)".into()),
+        };
+        let token = |what: &str| self.token.as_ref().ok_or_else(|| format!("scheme {what} needs a `token`"));
+        match scheme {
+            "bearer" => Ok(HttpInjection::Bearer(token("bearer")?)),
+            "basic" => {
+                let user = self.user.as_deref().ok_or("scheme basic needs a `user`")?;
+                if user.contains(':') {
+                    return Err("a basic user name cannot contain `:`".into());
+                }
+                let secret = self
+                    .password
+                    .as_ref()
+                    .or(self.token.as_ref())
+                    .ok_or("scheme basic needs a `password` (or `token`)")?;
+                Ok(HttpInjection::Basic { user, secret })
+            }
+            "header" => {
+                let name = self.header.as_deref().ok_or("scheme header needs `header = \"Header-Name\"`")?;
+                let valid = !name.is_empty()
+                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+                if !valid {
+                    return Err(format!("`{name}` is not a valid header name"));
+                }
+                if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+                    return Err(format!("`{name}` cannot carry a credential"));
+                }
+                Ok(HttpInjection::Header { name, token: token("header")? })
+            }
+            "query" => {
+                let name = self.query.as_deref().ok_or("scheme query needs `query = \"parameter\"`")?;
+                if name.is_empty() || name.contains(['&', '=', '#', ' ']) {
+                    return Err(format!("`{name}` is not a valid query parameter name"));
+                }
+                Ok(HttpInjection::Query { name, token: token("query")? })
+            }
+            other => Err(format!("unknown scheme `{other}`")),
+        }
+    }
+}
+
 /// TLS settings of a target.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct TargetTls {
@@ -296,6 +378,65 @@ pub struct Rule {
     /// How long a held request waits for a human before it is denied.
     #[serde(serialize_with = "ser_duration")]
     pub approval_timeout: Duration,
+    /// HTTP targets: the compiled request patterns and limits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpRule>,
+}
+
+/// The HTTP side of a rule: the `allow`, `approve` and `deny` entries
+/// compiled to method + path patterns, and the request limits.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HttpRule {
+    pub allow: Vec<HttpPattern>,
+    pub approve: Vec<HttpPattern>,
+    pub deny: Vec<HttpPattern>,
+    /// Largest request body forwarded, in bytes (None: no limit).
+    pub max_body: Option<u64>,
+    /// Whether WebSocket upgrades may be forwarded.
+    pub websocket: bool,
+}
+
+/// One entry of an HTTP rule list: `*`, a class (`GET`, `read`, `write`,
+/// ...), or a class and a path glob (`GET /repos/**`, `* /admin/**`).
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpPattern {
+    /// `*`, a method, `read` or `write`.
+    pub class: String,
+    /// Path glob: `*` matches within one segment, `**` across segments.
+    #[serde(skip)]
+    pub path: Option<GlobMatcher>,
+    /// As written in the policy.
+    pub text: String,
+}
+
+impl HttpPattern {
+    /// How specific the entry is: a path-scoped entry beats a class, which
+    /// beats `*`.
+    pub fn rank(&self) -> u8 {
+        match (&self.path, self.class.as_str()) {
+            (Some(_), _) => 2,
+            (None, "*") => 0,
+            (None, _) => 1,
+        }
+    }
+
+    /// Whether the entry covers a request with this method and
+    /// (normalised) path.
+    pub fn matches(&self, method: &str, path: &str) -> bool {
+        let class_ok = match self.class.as_str() {
+            "*" => true,
+            "read" => is_read_method(method),
+            "write" => !is_read_method(method),
+            m => m == method,
+        };
+        class_ok && self.path.as_ref().is_none_or(|g| g.is_match(path))
+    }
+}
+
+/// Methods that do not change state: the `read` class. TRACE is left out
+/// on purpose: it is never forwarded (it would echo injected credentials).
+pub fn is_read_method(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "OPTIONS")
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

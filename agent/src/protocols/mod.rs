@@ -1,6 +1,7 @@
 //! Protocol modules: each terminates the caller's side, opens the upstream
 //! side, and decides request by request. `tcp` is opaque: one decision per
 //! connection.
+pub mod http;
 pub mod tcp;
 
 use std::{io, net::SocketAddr, sync::Arc};
@@ -9,7 +10,7 @@ use tokio::net::{lookup_host, TcpSocket, TcpStream};
 
 use crate::{
     audit::CallerInfo,
-    enforcer::Enforcer,
+    enforcer::{Enforcer, Settings},
     ids::{OrigDst, SessionId},
     policy::{Decision, Protocol, Target, Upstream},
 };
@@ -44,6 +45,7 @@ impl Outcome {
 pub async fn serve(session: &Session, client: TcpStream, admission: Decision) -> Outcome {
     match session.target.protocol {
         Protocol::Tcp => tcp::serve(session, client, admission).await,
+        Protocol::Http => http::serve(session, client, admission).await,
         other => {
             // Fail closed for a protocol this build cannot decode.
             drop(client);
@@ -64,8 +66,13 @@ pub enum UpstreamError {
 
 /// Where the session's upstream is.
 pub async fn upstream_addrs(session: &Session) -> Result<Vec<SocketAddr>, UpstreamError> {
-    let addrs = match &session.target.upstream {
-        Upstream::Original => vec![session.orig_dst.0],
+    resolve_upstream(&session.target.upstream, session.orig_dst).await
+}
+
+/// Where an upstream is, for a connection that asked for `orig_dst`.
+pub async fn resolve_upstream(upstream: &Upstream, orig_dst: OrigDst) -> Result<Vec<SocketAddr>, UpstreamError> {
+    let addrs = match upstream {
+        Upstream::Original => vec![orig_dst.0],
         Upstream::Addr(a) => vec![*a],
         Upstream::Host { host, port } => lookup_host((host.as_str(), *port))
             .await
@@ -78,8 +85,19 @@ pub async fn upstream_addrs(session: &Session) -> Result<Vec<SocketAddr>, Upstre
 /// Opens the upstream connection, marked so the kernel programs never
 /// redirect it, and never to portcullis' own listener (no loops).
 pub async fn connect_upstream(session: &Session) -> Result<TcpStream, UpstreamError> {
-    let addrs = upstream_addrs(session).await?;
-    let port = session.enforcer.settings.listen_port;
+    connect_to(&session.target.upstream, session.orig_dst, &session.enforcer.settings, &session.target.name).await
+}
+
+/// Opens a marked connection to `upstream` (see `connect_upstream`);
+/// `name` names the target in errors.
+pub async fn connect_to(
+    upstream: &Upstream,
+    orig_dst: OrigDst,
+    settings: &Settings,
+    name: &str,
+) -> Result<TcpStream, UpstreamError> {
+    let addrs = resolve_upstream(upstream, orig_dst).await?;
+    let port = settings.listen_port;
     let mut last = None;
     for addr in addrs {
         let ip = addr.ip().to_canonical();
@@ -87,12 +105,12 @@ pub async fn connect_upstream(session: &Session) -> Result<TcpStream, UpstreamEr
             return Err(UpstreamError::Loop(addr));
         }
         let addr = SocketAddr::new(ip, addr.port());
-        match connect_marked(addr, session.enforcer.settings.mark).await {
+        match connect_marked(addr, settings.mark).await {
             Ok(s) => return Ok(s),
             Err(e) => last = Some(UpstreamError::Connect(addr, e)),
         }
     }
-    Err(last.unwrap_or_else(|| UpstreamError::Resolve(session.target.name.clone(), io::Error::other("no address"))))
+    Err(last.unwrap_or_else(|| UpstreamError::Resolve(name.to_string(), io::Error::other("no address"))))
 }
 
 pub async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream> {

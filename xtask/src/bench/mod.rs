@@ -4,10 +4,11 @@
 use anyhow::{bail, Result};
 
 mod audit;
+mod http;
 mod tcp;
 
 pub fn run(which: &str) -> Result<()> {
-    const ALL: &[&str] = &["tcp", "audit"];
+    const ALL: &[&str] = &["tcp", "http", "audit"];
     match which {
         "all" => {
             for b in ALL {
@@ -17,6 +18,7 @@ pub fn run(which: &str) -> Result<()> {
         }
         "audit" => audit::run(),
         "tcp" => tcp::run(),
+        "http" => http::run(),
         other => bail!("unknown benchmark `{other}` (available: {})", ALL.join(", ")),
     }
 }
