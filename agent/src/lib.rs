@@ -3,7 +3,8 @@
 //!
 //! The path of one connection, one module per step: `intercept` (kernel
 //! programs and attribution), `protocols` (decoding each target's
-//! protocol), `policy` (the decision), `audit` (the record); plus `cli`,
+//! protocol), `policy` (the decision), `masking` (what a role may see of
+//! responses), `audit` (the record); plus `cli`,
 //! `config`, `control` (the local control socket) and `credentials`.
 pub mod audit;
 pub mod cli;
@@ -15,5 +16,6 @@ pub mod enforcer;
 pub mod error;
 pub mod ids;
 pub mod intercept;
+pub mod masking;
 pub mod policy;
 pub mod protocols;

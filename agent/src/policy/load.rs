@@ -2,7 +2,7 @@
 //! Syntax errors are all reported (the parser recovers); each scope, target,
 //! role and binding is then read on its own, so one bad entry does not hide
 //! the errors in the next; cross-references are checked last.
-use std::{collections::HashSet, fmt, path::Path, time::Duration};
+use std::{collections::HashSet, fmt, path::Path, sync::Arc, time::Duration};
 
 use globset::Glob;
 use serde::Deserialize;
@@ -15,6 +15,11 @@ use toml::{
 use super::{
     address::{parse_exception, parse_patterns, parse_upstream},
     model::*,
+};
+use crate::masking::{
+    self,
+    spec::{self as mask_spec, Builtin, CustomDetector, Mode as MaskMode},
+    Plan,
 };
 
 /// One problem in a policy file.
@@ -131,6 +136,21 @@ struct RawRule {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawMasking {
+    hash_key: Option<Spanned<RawSecret>>,
+    #[serde(default)]
+    detectors: Vec<RawDetector>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDetector {
+    name: Spanned<String>,
+    pattern: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawBinding {
     scope: Option<Spanned<String>>,
     unit: Option<Spanned<String>>,
@@ -186,6 +206,7 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
     let mut raw_targets = Vec::new();
     let mut raw_roles = Vec::new();
     let mut raw_bindings = Vec::new();
+    let mut raw_masking = None;
     for (key, value) in doc.iter() {
         match key.get_ref().as_ref() {
             "version" => {
@@ -201,9 +222,16 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
             "targets" => raw_targets = entries::<RawTarget>(&mut errs, "targets", value),
             "roles" => raw_roles = entries::<RawRole>(&mut errs, "roles", value),
             "bindings" => raw_bindings = entries::<RawBinding>(&mut errs, "bindings", value),
+            "masking" => match RawMasking::deserialize(ValueDeserializer::from(value.clone())) {
+                Ok(m) => raw_masking = Some(m),
+                Err(e) => {
+                    let offset = e.span().map_or(value.span().start, |s| s.start);
+                    errs.at(offset, format!("in `masking`: {}", e.message().trim()));
+                }
+            },
             other => errs.at(
                 key.span().start,
-                format!("unknown key `{other}` (expected version, scopes, targets, roles, bindings)"),
+                format!("unknown key `{other}` (expected version, scopes, targets, roles, bindings, masking)"),
             ),
         }
     }
@@ -222,6 +250,9 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
         if let Some(target) = target(&mut errs, &mut names, t) {
             policy.targets.push(target);
         }
+    }
+    if let Some(m) = raw_masking {
+        policy.masking = masking_section(&mut errs, m);
     }
     let mut names = HashSet::new();
     for r in raw_roles {
@@ -492,6 +523,7 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
             }),
         };
         let [allow, approve, deny] = lists;
+        let (masks, mask_plan) = masks(errs, policy, target, &raw.target, &raw.mask);
         rules.push(Rule {
             target: target.name.clone(),
             index,
@@ -499,10 +531,95 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
             approve,
             deny,
             mask: raw.mask.into_iter().map(Spanned::into_inner).collect(),
+            masks,
+            mask_plan,
             approval_timeout,
         });
     }
     (errs.list.len() == before).then(|| Role { name: r.name.into_inner(), rules })
+}
+
+fn masking_section(errs: &mut Errors<'_>, m: RawMasking) -> MaskSettings {
+    let mut settings = MaskSettings { hash_key: m.hash_key.and_then(|k| secret(errs, k)), detectors: Vec::new() };
+    let mut names = HashSet::new();
+    for d in m.detectors {
+        if !unique(errs, &mut names, "detector", &d.name) {
+            continue;
+        }
+        if Builtin::parse(d.name.get_ref()).is_some() || d.name.get_ref() == "credential" {
+            errs.at_span(&d.name, format!("`{}` is the name of a built-in detector", d.name.get_ref()));
+            continue;
+        }
+        let custom = CustomDetector { name: d.name.get_ref().clone(), pattern: d.pattern.get_ref().clone() };
+        match masking::detect::check_custom(&custom) {
+            Ok(()) => settings.detectors.push(custom),
+            Err(e) => errs.at_span(&d.pattern, e.to_string()),
+        }
+    }
+    settings
+}
+
+/// Which mask kinds a protocol's responses can take.
+fn mask_kinds(p: Protocol) -> &'static [&'static str] {
+    match p {
+        Protocol::Postgres => &["column", "detector"],
+        Protocol::Http => &["detector", "header", "json"],
+        Protocol::Git => &["header"],
+        Protocol::Tcp => &[],
+    }
+}
+
+/// Parses, checks and compiles a rule's `mask` entries. Errors point into
+/// the entry's text.
+fn masks(
+    errs: &mut Errors<'_>,
+    policy: &Policy,
+    target: &Target,
+    at: &Spanned<String>,
+    raw: &[Spanned<String>],
+) -> (Vec<MaskRule>, Arc<Plan>) {
+    let custom = policy.masking.custom_names();
+    let mut rules = Vec::new();
+    let mut spans = Vec::new();
+    for entry in raw {
+        // +1: past the opening quote.
+        let base = entry.span().start + 1;
+        match mask_spec::parse_rule(entry.get_ref(), &custom) {
+            Ok(rule) => {
+                let kinds = mask_kinds(target.protocol);
+                if !kinds.contains(&rule.kind()) {
+                    let can = if kinds.is_empty() { "nothing".to_string() } else { kinds.join(", ") };
+                    errs.at(
+                        base,
+                        format!(
+                            "`{}:` masks do not apply to {} targets (they take: {can})",
+                            rule.kind(),
+                            target.protocol
+                        ),
+                    );
+                    continue;
+                }
+                if *rule.mode() == MaskMode::Hash && policy.masking.hash_key.is_none() {
+                    errs.at(base, "`hash` needs a key: add `hash_key = { file = \"...\" }` under [masking]");
+                    continue;
+                }
+                rules.push(rule);
+                spans.push(base);
+            }
+            Err(e) => errs.at(base + e.offset, e.message),
+        }
+    }
+    match Plan::compile(&policy.masking, &rules) {
+        Ok(plan) => (rules, Arc::new(plan)),
+        Err(masking::MaskError::Entry { index, message }) => {
+            errs.at(spans[index], message);
+            (Vec::new(), Arc::new(Plan::credentials_only()))
+        }
+        Err(e) => {
+            errs.at_span(at, e.to_string());
+            (Vec::new(), Arc::new(Plan::credentials_only()))
+        }
+    }
 }
 
 fn binding(errs: &mut Errors<'_>, policy: &Policy, index: usize, b: RawBinding) -> Option<Binding> {
