@@ -238,23 +238,79 @@ impl SessionMasker {
         if count < 0 || count as usize != plan.fields.len() {
             return Err(RowError::FieldCount { got: count.max(0) as usize, want: plan.fields.len() });
         }
-        out.extend_from_slice(&body[..2]);
-        let mut changed = false;
+        // Where each value lies in `body` (None: NULL).
+        let mut spans: Vec<Option<(usize, usize)>> = Vec::with_capacity(plan.fields.len());
         let mut pos = 2;
-        let mut value_buf = Vec::new();
-        for f in &plan.fields {
+        for _ in &plan.fields {
             let len = i32::from_be_bytes(body.get(pos..pos + 4).ok_or(RowError::Malformed)?.try_into().expect("4"));
             pos += 4;
             if len < 0 {
-                out.extend_from_slice(&(-1i32).to_be_bytes());
+                spans.push(None);
                 continue;
             }
-            let value = body.get(pos..pos + len as usize).ok_or(RowError::Malformed)?;
-            pos += len as usize;
+            let end = pos.checked_add(len as usize).filter(|&e| e <= body.len()).ok_or(RowError::Malformed)?;
+            spans.push(Some((pos, end)));
+            pos = end;
+        }
+        if pos != body.len() {
+            return Err(RowError::Malformed);
+        }
+        // The text values to scan, scanned together: joined by NUL, which
+        // no built-in pattern crosses, so one pass serves the whole row.
+        let mut joined = std::mem::take(&mut self.row_text);
+        joined.clear();
+        let mut at: Vec<Option<(usize, usize)>> = vec![None; spans.len()];
+        if self.scans_text() {
+            for (i, (f, span)) in plan.fields.iter().zip(&spans).enumerate() {
+                if let (None, ValueKind::Text | ValueKind::OtherText, Some((a, b))) = (&f.column, f.kind, span) {
+                    at[i] = Some((joined.len(), joined.len() + (b - a)));
+                    joined.extend_from_slice(&body[*a..*b]);
+                    joined.push(0);
+                }
+            }
+        }
+        let mut found = Vec::new();
+        let mut batched = !joined.is_empty();
+        if batched {
+            self.collect(&joined);
+            found = std::mem::take(&mut self.found);
+            // A custom pattern may cross a NUL: then value by value.
+            batched = found.iter().all(|f| !joined[f.start..f.end].contains(&0));
+        }
+        out.extend_from_slice(&body[..2]);
+        let mut changed = false;
+        let mut value_buf = Vec::new();
+        let mut next = 0; // index into `found`
+        for (i, f) in plan.fields.iter().enumerate() {
+            let Some((a, b)) = spans[i] else {
+                out.extend_from_slice(&(-1i32).to_be_bytes());
+                continue;
+            };
+            let value = &body[a..b];
             value_buf.clear();
-            match self.mask_field(f, value, &mut value_buf) {
+            let field = match at[i] {
+                Some((ja, jb)) if batched => {
+                    let first = next;
+                    while next < found.len() && found[next].start < jb {
+                        next += 1;
+                    }
+                    let mine = &found[first..next];
+                    if mine.is_empty() {
+                        Field::Keep
+                    } else if mine.iter().any(|m| *self.plan().mode_of(m.kind).0 == Mode::Null)
+                        || f.kind == ValueKind::OtherText
+                    {
+                        Field::Null
+                    } else {
+                        self.render(&joined, mine, ja, jb, &mut value_buf);
+                        Field::Replace
+                    }
+                }
+                _ => self.mask_field(f, value, &mut value_buf),
+            };
+            match field {
                 Field::Keep => {
-                    out.extend_from_slice(&len.to_be_bytes());
+                    out.extend_from_slice(&((b - a) as i32).to_be_bytes());
                     out.extend_from_slice(value);
                 }
                 Field::Null => {
@@ -268,9 +324,9 @@ impl SessionMasker {
                 }
             }
         }
-        if pos != body.len() {
-            return Err(RowError::Malformed);
-        }
+        found.clear();
+        self.found = found;
+        self.row_text = joined;
         Ok(changed)
     }
 
@@ -424,7 +480,7 @@ mod tests {
     fn rows_are_masked_by_column_and_by_detector() {
         let mut m = masker(&["column:public.users.email", "column:users.phone=partial:4", "detector:card"], &[], &[]);
         let cols = ResolvedColumns::resolve(
-            &m.plan().column_rules().to_vec(),
+            m.plan().column_rules(),
             [row("public", "users", "email", 100, 3), row("public", "users", "phone", 100, 4)],
         );
         let plan = RowPlan::new(
@@ -445,7 +501,7 @@ mod tests {
     fn binary_and_non_text_values_of_masked_columns_become_null() {
         let mut m = masker(&["column:users.email=hash", "column:users.age", "detector:card"], &[], &[]);
         let cols = ResolvedColumns::resolve(
-            &m.plan().column_rules().to_vec(),
+            m.plan().column_rules(),
             [row("public", "users", "email", 100, 3), row("public", "users", "age", 100, 6)],
         );
         let plan = RowPlan::new(
@@ -490,6 +546,18 @@ mod tests {
         assert_eq!(v[0].as_deref(), Some(&br#"{"m": "<email>"}"#[..]));
         assert_eq!(v[1].as_deref(), Some(&b"\x01{\"m\": \"<email>\"}"[..]));
         assert_eq!(v[2].as_deref(), Some(&b"pw <credential>"[..]));
+    }
+
+    #[test]
+    fn a_row_is_scanned_at_once_without_matches_across_values() {
+        // A custom pattern that could span two values if they were one text.
+        let mut m = masker(&["detector:email", "detector:span"], &[("span", "x[^y]*z")], &[]);
+        let plan = RowPlan::new(&ResolvedColumns::default(), &[field(0, 0, 25, false), field(0, 0, 25, false)], None);
+        assert_eq!(masked(&mut m, &plan, &[Some("x1"), Some("2z")]), None);
+        assert_eq!(
+            masked(&mut m, &plan, &[Some("x1 a@b.io"), Some("x2z")]),
+            Some(vec![Some("x1 <email>".into()), Some("<span>".into())])
+        );
     }
 
     #[test]

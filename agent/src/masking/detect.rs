@@ -1,6 +1,12 @@
-//! Value detectors: one pass over the text with a single multi-pattern
-//! automaton (every built-in and custom pattern at once), then validators
-//! (Luhn, mod-97, JWT header) that keep false positives out.
+//! Value detectors. One pass of cheap triggers over the text finds where a
+//! secret may start: `@` (memchr) for emails, a run of digits for cards and
+//! IBANs, and one Aho-Corasick automaton (SIMD) for every literal a built-in
+//! pattern begins with (`-----BEGIN `, `eyJ`, `ghp_`, `AKIA`, `Bearer`,
+//! `password`...). At each trigger the detector's pattern runs anchored there
+//! (one multi-pattern automaton holds them all), then validators (Luhn,
+//! mod-97, JWT header) keep false positives out. Custom detectors run as one
+//! more multi-pattern automaton over the text.
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind as AcMatchKind};
 use regex_automata::{
     meta::{self, Regex},
     util::{captures::Captures, syntax},
@@ -18,26 +24,6 @@ pub enum Kind {
     Credential,
 }
 
-/// How a pattern's match is checked and which part of it is the secret.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Check {
-    /// The whole match.
-    None,
-    Luhn,
-    Iban,
-    Jwt,
-    /// The match must not be followed by a base64 character; the secret is
-    /// the last 40 characters.
-    AwsSecret,
-    /// The secret is the pattern's first capture group.
-    Group,
-}
-
-struct Pattern {
-    kind: Kind,
-    check: Check,
-}
-
 /// A found secret: bytes `start..end` of the text, and which detector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Found {
@@ -49,62 +35,129 @@ pub struct Found {
     pub context: usize,
 }
 
-/// Characters of bearer tokens and similar opaque credentials.
-const TOKEN_CHARS: &str = r"[A-Za-z0-9._~+/=\-]";
+/// The built-in patterns, run anchored at their triggers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pat {
+    PrivateKey,
+    Jwt,
+    AwsSecret,
+    Authorization,
+    Bearer,
+    PrefixToken,
+    /// `password = ...`, `api_key: ...`: anchored at the keyword's last
+    /// word (`key`, `token`, `secret`, `password`...).
+    Assignment,
+    AwsKeyId,
+    Email,
+    Iban,
+}
 
-/// The built-in patterns, in priority order (at one start position the
-/// earlier pattern wins). Counted repetitions stay small so the automaton
-/// stays small; validators check the rest.
-fn builtin_patterns() -> Vec<(Builtin, Check, String)> {
-    use Builtin::*;
-    vec![
-        (
-            PrivateKey,
-            Check::None,
+impl Pat {
+    const ALL: [Pat; 10] = [
+        Pat::PrivateKey,
+        Pat::Jwt,
+        Pat::AwsSecret,
+        Pat::Authorization,
+        Pat::Bearer,
+        Pat::PrefixToken,
+        Pat::Assignment,
+        Pat::AwsKeyId,
+        Pat::Email,
+        Pat::Iban,
+    ];
+
+    fn builtin(self) -> Builtin {
+        match self {
+            Pat::PrivateKey => Builtin::PrivateKey,
+            Pat::Jwt => Builtin::Jwt,
+            Pat::AwsSecret | Pat::AwsKeyId => Builtin::AwsKey,
+            Pat::Authorization | Pat::Bearer | Pat::PrefixToken | Pat::Assignment => Builtin::Token,
+            Pat::Email => Builtin::Email,
+            Pat::Iban => Builtin::Iban,
+        }
+    }
+
+    /// Counted repetitions stay small so the automaton stays small;
+    /// validators check the rest. A capture group is the part masked.
+    fn source(self) -> &'static str {
+        match self {
             // The body may be cut off (truncated text, or a stream that has
             // not caught up yet): mask to where it stops.
-            r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----(?:[A-Za-z0-9+/=\s:,.\\]|-[A-Za-z0-9])*(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----)?".into(),
-        ),
-        (Jwt, Check::Jwt, r"eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*".into()),
-        (
-            AwsKey,
-            Check::AwsSecret,
-            r#"(?i:(?:aws_?)?secret_?access_?key)["']?\s*[:=]+>?\s*["']?[A-Za-z0-9/+]{40}"#.into(),
-        ),
-        (
-            Token,
-            Check::Group,
-            format!(
-                r#"(?i:authorization)["']?\s*[:=]\s*["']?(?:(?i:bearer|basic|token|digest|bot)\s+)?({TOKEN_CHARS}{{8,}})"#
-            ),
-        ),
-        (Token, Check::Group, format!(r"(?i:bearer)\s+({TOKEN_CHARS}{{16,}})")),
-        (
-            Token,
-            Check::None,
-            concat!(
+            Pat::PrivateKey => {
+                r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----(?:[A-Za-z0-9+/=\s:,.\\]|-[A-Za-z0-9])*(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----)?"
+            }
+            Pat::Jwt => r"eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*",
+            Pat::AwsSecret => r#"(?i:secret_?access_?key)["']?\s*[:=]+>?\s*["']?([A-Za-z0-9/+]{40})"#,
+            Pat::Authorization => {
+                r#"(?i:authorization)["']?\s*[:=]\s*["']?(?:(?i:bearer|basic|token|digest|bot)\s+)?([A-Za-z0-9._~+/=\-]{8,})"#
+            }
+            Pat::Bearer => r"(?i:bearer)\s+([A-Za-z0-9._~+/=\-]{16,})",
+            Pat::PrefixToken => concat!(
                 r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,}|glpat-[A-Za-z0-9_\-]{20,}",
                 r"|xox[abposr]-[A-Za-z0-9\-]{10,}|xapp-[A-Za-z0-9\-]{10,}|sk-[A-Za-z0-9_\-]{20,}",
                 r"|[sr]k_(?:live|test)_[A-Za-z0-9]{16,}|AIza[A-Za-z0-9_\-]{35}|npm_[A-Za-z0-9]{36,}",
                 r"|hf_[A-Za-z0-9]{30,}|pypi-[A-Za-z0-9_\-]{50,})"
-            )
-            .into(),
-        ),
-        (
-            Token,
-            Check::Group,
-            concat!(
-                r"(?i:api[_\-]?key|apikey|api[_\-]?secret|secret[_\-]?key|client[_\-]?secret|access[_\-]?token",
-                r#"|auth[_\-]?token|refresh[_\-]?token|private[_\-]?key|passw(?:or)?d|passwd|pwd|token|secret)["']?"#,
-                r#"\s*[:=]\s*["']?([^\s"'`,;&<>\x00]{8,})"#
-            )
-            .into(),
-        ),
-        (AwsKey, Check::None, r"\b(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b".into()),
-        (Email, Check::None, r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}".into()),
-        (Iban, Check::Iban, r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b".into()),
-        (Card, Check::Luhn, r"\b[0-9](?:[ \-]?[0-9]){12,}\b".into()),
-    ]
+            ),
+            Pat::Assignment => {
+                r#"(?i:(?:(?:api|secret|private)[_\-]?)?(?:key|secret|token|password|passwd|pwd))["']?\s*[:=]\s*["']?([^\s"'`,;&<>\x00]{8,})"#
+            }
+            Pat::AwsKeyId => r"\b(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b",
+            Pat::Email => r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}",
+            Pat::Iban => r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b",
+        }
+    }
+
+    /// The literals that trigger the pattern (case variants spelled out:
+    /// the literal automaton is case-sensitive, so it can use SIMD).
+    fn triggers(self) -> Vec<String> {
+        let cased = |words: &[&str]| -> Vec<String> {
+            words.iter().flat_map(|w| [w.to_string(), capitalize(w), w.to_ascii_uppercase()]).collect()
+        };
+        match self {
+            Pat::PrivateKey => vec!["-----BEGIN ".into()],
+            Pat::Jwt => vec!["eyJ".into()],
+            Pat::AwsSecret => cased(&["secret"]),
+            Pat::Authorization => cased(&["authorization"]),
+            Pat::Bearer => cased(&["bearer"]),
+            Pat::PrefixToken => [
+                "ghp_",
+                "gho_",
+                "ghu_",
+                "ghs_",
+                "ghr_",
+                "github_pat_",
+                "glpat-",
+                "xoxa-",
+                "xoxb-",
+                "xoxp-",
+                "xoxo-",
+                "xoxs-",
+                "xoxr-",
+                "xapp-",
+                "sk-",
+                "sk_live_",
+                "sk_test_",
+                "rk_live_",
+                "rk_test_",
+                "AIza",
+                "npm_",
+                "hf_",
+                "pypi-",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            Pat::Assignment => cased(&["key", "secret", "token", "password", "passwd", "pwd"]),
+            Pat::AwsKeyId => ["AKIA", "ASIA", "ABIA", "ACCA"].iter().map(|s| s.to_string()).collect(),
+            // Found by their own scans.
+            Pat::Email | Pat::Iban => Vec::new(),
+        }
+    }
+}
+
+fn capitalize(w: &str) -> String {
+    let mut c = w.chars();
+    c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +174,14 @@ fn syntax_config() -> syntax::Config {
     // ASCII classes and boundaries keep every pattern within the DFA
     // engines (a Unicode \b forces the slow path); text may be any bytes.
     syntax::Config::new().unicode(false).utf8(false)
+}
+
+fn build(sources: &[&str]) -> Result<Regex, DetectError> {
+    Regex::builder()
+        .syntax(syntax_config())
+        .configure(Regex::config().match_kind(MatchKind::LeftmostFirst).hybrid_cache_capacity(8 << 20))
+        .build_many(sources)
+        .map_err(|e| DetectError::Build(one_line(&e.to_string())))
 }
 
 /// Checks one custom pattern alone (for policy validation).
@@ -140,109 +201,363 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+fn is_word(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_'
+}
+
+/// The characters of an email's local part.
+fn is_local(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b".%+-_".contains(&b)
+}
+
 /// A compiled set of detectors.
 pub struct Detectors {
-    re: Regex,
-    patterns: Vec<Pattern>,
-    /// Pattern ids that have a capture group to extract.
-    group_caps: Captures,
+    /// The enabled built-in patterns, anchored searches only.
+    anchored: Option<Regex>,
+    /// Pattern id in `anchored` of each enabled `Pat` (by `Pat::ALL` index).
+    pid: [Option<PatternID>; Pat::ALL.len()],
+    /// Trigger literals, and the patterns each may start, tried in order.
+    literals: Option<AhoCorasick>,
+    literal_pats: Vec<Vec<Pat>>,
+    email: bool,
+    card: bool,
+    iban: bool,
+    custom: Option<Regex>,
+    custom_index: Vec<usize>,
+    custom_group: Vec<bool>,
 }
 
 impl std::fmt::Debug for Detectors {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Detectors").field("patterns", &self.patterns.len()).finish()
+        f.debug_struct("Detectors").field("custom", &self.custom_index.len()).finish_non_exhaustive()
     }
 }
 
-/// Per-searcher scratch space (one per thread/session; never shared).
+/// Per-searcher scratch space (one per session or stream; never shared).
 pub struct Scratch {
-    cache: meta::Cache,
-    caps: Captures,
+    anchored: Option<(meta::Cache, Captures)>,
+    custom: Option<(meta::Cache, Captures)>,
+    cands: Vec<Cand>,
+    custom_found: Vec<Found>,
+}
+
+/// A place a secret may start.
+#[derive(Debug, Clone, Copy)]
+struct Cand {
+    /// Where the pattern is tried (for a card: the digit run's start).
+    at: usize,
+    what: CandKind,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum CandKind {
+    Pat(Pat),
+    /// A trigger literal (index into `literal_pats`).
+    Literal(usize),
+    /// An `@` at this offset.
+    Email(usize),
+    /// A digit run ending here.
+    Card(usize),
+}
+
+fn pat_index(p: Pat) -> usize {
+    Pat::ALL.iter().position(|x| *x == p).expect("listed")
 }
 
 impl Detectors {
     /// Compiles the given built-ins and custom detectors (with their index
-    /// in the policy's list) into one automaton.
+    /// in the policy's list).
     pub fn new(builtins: &[Builtin], custom: &[(usize, &CustomDetector)]) -> Result<Detectors, DetectError> {
-        let mut sources: Vec<String> = Vec::new();
-        let mut patterns = Vec::new();
-        // Custom detectors first: at one start position they win, so a
-        // built-in candidate that fails validation never hides them.
-        for (i, d) in custom {
-            check_custom(d)?;
-            let has_group = Regex::builder()
-                .syntax(syntax_config())
-                .build(&d.pattern)
-                .map(|r| r.group_info().group_len(PatternID::ZERO) > 1)
-                .unwrap_or(false);
-            sources.push(d.pattern.clone());
-            patterns
-                .push(Pattern { kind: Kind::Custom(*i), check: if has_group { Check::Group } else { Check::None } });
+        let pats: Vec<Pat> = Pat::ALL.iter().copied().filter(|p| builtins.contains(&p.builtin())).collect();
+        let mut pid = [None; Pat::ALL.len()];
+        for (i, p) in pats.iter().enumerate() {
+            pid[pat_index(*p)] = Some(PatternID::must(i));
         }
-        for (b, check, src) in builtin_patterns() {
-            if builtins.contains(&b) {
-                sources.push(src);
-                patterns.push(Pattern { kind: Kind::Builtin(b), check });
+        let sources: Vec<&str> = pats.iter().map(|p| p.source()).collect();
+        let anchored = if sources.is_empty() { None } else { Some(build(&sources)?) };
+        let mut literals: Vec<String> = Vec::new();
+        let mut literal_pats: Vec<Vec<Pat>> = Vec::new();
+        for p in &pats {
+            for t in p.triggers() {
+                match literals.iter().position(|l| *l == t) {
+                    Some(i) => literal_pats[i].push(*p),
+                    None => {
+                        literals.push(t);
+                        literal_pats.push(vec![*p]);
+                    }
+                }
             }
         }
-        let re = Regex::builder()
-            .syntax(syntax_config())
-            .configure(Regex::config().match_kind(MatchKind::LeftmostFirst).hybrid_cache_capacity(8 << 20))
-            .build_many(&sources)
-            .map_err(|e| DetectError::Build(one_line(&e.to_string())))?;
-        let group_caps = Captures::all(re.group_info().clone());
-        Ok(Detectors { re, patterns, group_caps })
+        let literals = (!literals.is_empty()).then(|| {
+            AhoCorasickBuilder::new()
+                .match_kind(AcMatchKind::LeftmostLongest)
+                .build(&literals)
+                .expect("literal triggers always build")
+        });
+        let mut custom_sources = Vec::new();
+        let mut custom_index = Vec::new();
+        let mut custom_group = Vec::new();
+        for (i, d) in custom {
+            check_custom(d)?;
+            let groups = Regex::builder()
+                .syntax(syntax_config())
+                .build(&d.pattern)
+                .map(|r| r.group_info().group_len(PatternID::ZERO))
+                .unwrap_or(1);
+            custom_sources.push(d.pattern.as_str());
+            custom_index.push(*i);
+            custom_group.push(groups > 1);
+        }
+        let custom = if custom_sources.is_empty() { None } else { Some(build(&custom_sources)?) };
+        Ok(Detectors {
+            anchored,
+            pid,
+            literals,
+            literal_pats,
+            email: builtins.contains(&Builtin::Email),
+            card: builtins.contains(&Builtin::Card),
+            iban: builtins.contains(&Builtin::Iban),
+            custom,
+            custom_index,
+            custom_group,
+        })
     }
 
     pub fn is_empty(&self) -> bool {
-        self.patterns.is_empty()
+        self.anchored.is_none() && self.custom.is_none() && !self.card
     }
 
     pub fn scratch(&self) -> Scratch {
-        Scratch { cache: self.re.create_cache(), caps: self.group_caps.clone() }
+        let caches = |r: &Regex| (r.create_cache(), Captures::all(r.group_info().clone()));
+        Scratch {
+            anchored: self.anchored.as_ref().map(caches),
+            custom: self.custom.as_ref().map(caches),
+            cands: Vec::new(),
+            custom_found: Vec::new(),
+        }
     }
 
     /// Appends every validated match in `text` to `out`, in order, without
-    /// overlaps. `at_end`: nothing follows `text` (false for a stream whose
-    /// next chunk has not arrived, where a match touching the end is kept
-    /// as a candidate).
+    /// overlaps.
     pub fn find(&self, scratch: &mut Scratch, text: &[u8], out: &mut Vec<Found>) {
-        if self.patterns.is_empty() {
-            return;
-        }
-        let mut at = 0;
-        while at < text.len() {
-            let input = Input::new(text).range(at..);
-            let Some(m) = self.re.search_with(&mut scratch.cache, &input) else { break };
-            let (s, e) = (m.start(), m.end());
-            let pat = &self.patterns[m.pattern().as_usize()];
-            let kept = match pat.check {
-                Check::None => Some((s, e)),
-                Check::Luhn => card_in(&text[s..e]).map(|(a, b)| (s + a, s + b)),
-                Check::Iban => iban_in(&text[s..e]).map(|(a, b)| (s + a, s + b)),
-                Check::Jwt => jwt_ok(&text[s..e]).then_some((s, e)),
-                Check::AwsSecret => {
-                    let next_is_b64 = text.get(e).is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'/' || c == b'+');
-                    (!next_is_b64).then_some((e - 40, e))
-                }
-                Check::Group => {
-                    let input = Input::new(text).range(s..e).anchored(Anchored::Pattern(m.pattern()));
-                    self.re.search_captures_with(&mut scratch.cache, &input, &mut scratch.caps);
-                    match scratch.caps.get_group(1) {
-                        Some(g) if g.start < g.end => Some((g.start, g.end)),
-                        // The group did not take part: mask the whole match.
-                        _ => Some((s, e)),
+        let first = out.len();
+        self.find_builtin(scratch, text, out);
+        if let (Some(re), Some((cache, caps))) = (&self.custom, &mut scratch.custom) {
+            let found = &mut scratch.custom_found;
+            found.clear();
+            let mut at = 0;
+            while at < text.len() {
+                let Some(m) = re.search_with(cache, &Input::new(text).range(at..)) else { break };
+                let i = m.pattern().as_usize();
+                let (mut a, mut b) = (m.start(), m.end());
+                if self.custom_group[i] {
+                    let input = Input::new(text).range(a..b).anchored(Anchored::Pattern(m.pattern()));
+                    re.search_captures_with(cache, &input, caps);
+                    if let Some(g) = caps.get_group(1).filter(|g| g.start < g.end) {
+                        (a, b) = (g.start, g.end);
                     }
                 }
-            };
-            if let Some((a, b)) = kept {
-                out.push(Found { start: a, end: b, kind: pat.kind, context: s.min(a) });
+                found.push(Found { start: a, end: b, kind: Kind::Custom(self.custom_index[i]), context: m.start() });
+                at = m.end().max(m.start() + 1);
             }
-            // Empty matches cannot happen (custom patterns are checked), but
-            // never loop on one.
-            at = e.max(s + 1);
+            if !found.is_empty() {
+                // Merge: the earlier start wins an overlap, a custom
+                // detector a tie.
+                let builtin: Vec<Found> = out.drain(first..).collect();
+                let mut all: Vec<Found> = found.drain(..).chain(builtin).collect();
+                all.sort_by_key(|f| f.context);
+                let mut end = 0;
+                for f in all {
+                    if f.context >= end || out.len() == first {
+                        end = f.end;
+                        out.push(f);
+                    }
+                }
+            }
         }
     }
+
+    fn find_builtin(&self, scratch: &mut Scratch, text: &[u8], out: &mut Vec<Found>) {
+        let cands = &mut scratch.cands;
+        cands.clear();
+        if let Some(ac) = &self.literals {
+            for m in ac.find_iter(text) {
+                let mut at = m.start();
+                if text[m.start()..m.end()].eq_ignore_ascii_case(b"key") {
+                    // Only `api_key`, `secret-key`, `privateKey` and the like.
+                    match key_prefix(text, m.start()) {
+                        Some(p) => at = p,
+                        None => continue,
+                    }
+                }
+                cands.push(Cand { at, what: CandKind::Literal(m.pattern().as_usize()) });
+            }
+        }
+        if self.email {
+            for p in memchr::memchr_iter(b'@', text) {
+                let mut a = p;
+                while a > 0 && is_local(text[a - 1]) {
+                    a -= 1;
+                }
+                if a < p {
+                    cands.push(Cand { at: a, what: CandKind::Email(p) });
+                }
+            }
+        }
+        if self.card || self.iban {
+            digit_runs(text, |start, end, digits| {
+                if self.iban
+                    && start >= 2
+                    && text[start - 2].is_ascii_uppercase()
+                    && text[start - 1].is_ascii_uppercase()
+                    && (start == 2 || !is_word(text[start - 3]))
+                {
+                    cands.push(Cand { at: start - 2, what: CandKind::Pat(Pat::Iban) });
+                }
+                if self.card && digits >= 13 {
+                    cands.push(Cand { at: start, what: CandKind::Card(end) });
+                }
+            });
+        }
+        if cands.is_empty() {
+            return;
+        }
+        cands.sort_by_key(|c| c.at);
+        let mut last_end = 0;
+        for c in cands.iter() {
+            let found = match c.what {
+                CandKind::Email(at_sign) => {
+                    if at_sign <= last_end {
+                        continue;
+                    }
+                    self.try_pat(scratch.anchored.as_mut(), text, c.at.max(last_end), Pat::Email)
+                }
+                _ if c.at < last_end => continue,
+                CandKind::Card(end) => card_run(text, c.at, end)
+                    .map(|(a, b)| (Found { start: a, end: b, kind: Kind::Builtin(Builtin::Card), context: a }, b)),
+                CandKind::Pat(p) => self.try_pat(scratch.anchored.as_mut(), text, c.at, p),
+                CandKind::Literal(i) => {
+                    self.literal_pats[i].iter().find_map(|&p| self.try_pat(scratch.anchored.as_mut(), text, c.at, p))
+                }
+            };
+            if let Some((f, match_end)) = found {
+                out.push(f);
+                last_end = match_end;
+            }
+        }
+    }
+
+    /// Runs one pattern anchored at `at`; returns what to mask and where
+    /// the whole match ends.
+    fn try_pat(
+        &self,
+        scratch: Option<&mut (meta::Cache, Captures)>,
+        text: &[u8],
+        at: usize,
+        p: Pat,
+    ) -> Option<(Found, usize)> {
+        let re = self.anchored.as_ref()?;
+        let (cache, caps) = scratch?;
+        let pid = self.pid[pat_index(p)]?;
+        let input = Input::new(text).range(at..).anchored(Anchored::Pattern(pid));
+        let kind = Kind::Builtin(p.builtin());
+        let (s, e) = match p {
+            Pat::AwsSecret | Pat::Authorization | Pat::Bearer | Pat::Assignment => {
+                // A plain search first (DFA): most triggers are ordinary
+                // words, and captures cost more.
+                re.search_with(cache, &input)?;
+                re.search_captures_with(cache, &input, caps);
+                let whole = caps.get_match()?;
+                let g = caps.get_group(1).filter(|g| g.start < g.end);
+                let (a, b) = g.map_or((whole.start(), whole.end()), |g| (g.start, g.end));
+                if p == Pat::AwsSecret
+                    && text.get(b).is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'/' || c == b'+')
+                {
+                    return None;
+                }
+                return Some((Found { start: a, end: b, kind, context: at }, whole.end()));
+            }
+            _ => {
+                let m = re.search_with(cache, &input)?;
+                (m.start(), m.end())
+            }
+        };
+        let (a, b) = match p {
+            Pat::Iban => iban_in(&text[s..e]).map(|(a, b)| (s + a, s + b))?,
+            Pat::Jwt if !jwt_ok(&text[s..e]) => return None,
+            _ => (s, e),
+        };
+        Some((Found { start: a, end: b, kind, context: s }, e))
+    }
+}
+
+/// For a `key` at `at`: the start of `api_key`, `secret-key`, `privateKey`
+/// and the like, if that is what it is.
+fn key_prefix(text: &[u8], at: usize) -> Option<usize> {
+    let before = &text[..at];
+    let before = before.strip_suffix(b"_").or_else(|| before.strip_suffix(b"-")).unwrap_or(before);
+    for p in [&b"api"[..], b"secret", b"private"] {
+        if before.len() >= p.len() && before[before.len() - p.len()..].eq_ignore_ascii_case(p) {
+            return Some(before.len() - p.len());
+        }
+    }
+    None
+}
+
+/// Calls `f(start, end, digits)` for each run of digits joined by single
+/// spaces or dashes.
+fn digit_runs(text: &[u8], mut f: impl FnMut(usize, usize, usize)) {
+    let n = text.len();
+    let mut i = 0;
+    while i < n {
+        match next_digit(text, i) {
+            None => return,
+            Some(k) => i = k,
+        }
+        let start = i;
+        let mut digits = 0;
+        loop {
+            while i < n && text[i].is_ascii_digit() {
+                i += 1;
+                digits += 1;
+            }
+            if i + 1 < n && (text[i] == b' ' || text[i] == b'-') && text[i + 1].is_ascii_digit() {
+                i += 1;
+            } else {
+                break;
+            }
+        }
+        f(start, i, digits);
+    }
+}
+
+/// The offset of the first ASCII digit at or after `from`, eight bytes at a
+/// time (most text has few digits).
+fn next_digit(text: &[u8], mut from: usize) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    while from + 8 <= text.len() {
+        let w = u64::from_le_bytes(text[from..from + 8].try_into().expect("8 bytes"));
+        // Digits become 0..=9; a byte below 10 sets its high bit here.
+        let t = w ^ (ONES * 0x30);
+        if t.wrapping_sub(ONES * 10) & !t & (ONES * 0x80) != 0 {
+            break;
+        }
+        from += 8;
+    }
+    text[from..].iter().position(u8::is_ascii_digit).map(|k| from + k)
+}
+
+/// A card in the digit run `start..end`, with the word boundaries the
+/// pattern `\b[0-9](?:[ -]?[0-9]){12,}\b` would want.
+fn card_run(text: &[u8], mut start: usize, mut end: usize) -> Option<(usize, usize)> {
+    let sep = |b: &u8| *b == b' ' || *b == b'-';
+    if start > 0 && is_word(text[start - 1]) {
+        start += text[start..end].iter().position(sep)? + 1;
+    }
+    if end < text.len() && is_word(text[end]) {
+        end = start + text[start..end].iter().rposition(sep)?;
+    }
+    card_in(&text[start..end]).map(|(a, b)| (start + a, start + b))
 }
 
 /// Luhn check over ASCII digits.
@@ -542,7 +857,7 @@ mod tests {
         let pem = "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nMIIEpAIBAAKCAQEA1234+/=\nabcd\n-----END RSA PRIVATE KEY-----";
         is(&format!("key:\n{pem}\nThanks, Bob"), pem, Builtin::PrivateKey);
         let cut = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA";
-        is(&format!("{cut}"), cut, Builtin::PrivateKey);
+        is(cut, cut, Builtin::PrivateKey);
         assert_eq!(one("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"), None);
     }
 
@@ -592,6 +907,16 @@ mod tests {
         assert!(matches!(check_custom(&bad), Err(DetectError::Pattern { .. })));
         let empty = CustomDetector { name: "y".into(), pattern: "a*".into() };
         assert!(matches!(check_custom(&empty), Err(DetectError::Empty { .. })));
+    }
+
+    #[test]
+    fn next_digit_finds_every_digit_at_any_offset() {
+        let text: Vec<u8> = (0..=255u8).chain(0..=255u8).collect();
+        for from in 0..text.len() {
+            assert_eq!(next_digit(&text, from), text[from..].iter().position(u8::is_ascii_digit).map(|k| from + k));
+        }
+        assert_eq!(next_digit(b"abcdefghijklmnop9", 0), Some(16));
+        assert_eq!(next_digit(b"abcdefghijklmnopq", 0), None);
     }
 
     #[test]

@@ -139,7 +139,7 @@ impl Plan {
         self.detectors.is_some()
     }
 
-    fn mode_of(&self, kind: Kind) -> (&Mode, &str) {
+    pub(crate) fn mode_of(&self, kind: Kind) -> (&Mode, &str) {
         const CREDENTIAL: Mode = Mode::Redact(None);
         match kind {
             Kind::Builtin(b) => {
@@ -195,6 +195,8 @@ pub struct SessionMasker {
     shared: Arc<Shared>,
     scratch: Option<Scratch>,
     found: Vec<Found>,
+    /// A row's text values, joined for one scan.
+    row_text: Vec<u8>,
 }
 
 impl Clone for SessionMasker {
@@ -238,7 +240,7 @@ impl SessionMasker {
 
     fn from_shared(shared: Arc<Shared>) -> SessionMasker {
         let scratch = shared.plan.detectors.as_ref().map(Detectors::scratch);
-        SessionMasker { shared, scratch, found: Vec::new() }
+        SessionMasker { shared, scratch, found: Vec::new(), row_text: Vec::new() }
     }
 
     pub fn plan(&self) -> &Plan {

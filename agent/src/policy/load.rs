@@ -774,6 +774,88 @@ approval_timeout = "soon"
         assert!(has(&errors(src), 8, "exactly one of"));
     }
 
+    const MASKING_POLICY: &str = r#"version = 1
+[masking]
+hash_key = { env = "MASK_KEY" }
+[[masking.detectors]]
+name = "employee-id"
+pattern = 'EMP-\d{6}'
+[[targets]]
+name = "db"
+protocol = "postgres"
+match = ["127.0.0.53:5432"]
+[[targets]]
+name = "api"
+protocol = "http"
+match = ["127.0.0.53:443"]
+[[roles]]
+name = "r"
+[[roles.rules]]
+target = "db"
+allow = ["read"]
+mask = ["column:public.users.email=partial:4", "detector:employee-id=hash", "detector:*"]
+[[roles.rules]]
+target = "api"
+allow = ["GET"]
+mask = ["header:set-cookie", "json:password=null", "detector:token"]
+"#;
+
+    #[test]
+    fn mask_entries_parse_and_compile() {
+        let p = parse(MASKING_POLICY).unwrap();
+        assert_eq!(p.masking.detectors[0].name, "employee-id");
+        assert_eq!(p.masking.hash_key, Some(SecretRef::Env("MASK_KEY".into())));
+        let rule = p.role("r").unwrap().rule_for("db").unwrap();
+        assert_eq!(rule.masks.len(), 3);
+        assert_eq!(rule.mask[0], "column:public.users.email=partial:4");
+        assert!(rule.mask_plan.has_detectors());
+        assert!(rule.mask_plan.needs_key());
+        assert_eq!(rule.mask_plan.column_rules().len(), 1);
+        let api = p.role("r").unwrap().rule_for("api").unwrap();
+        assert!(!api.mask_plan.needs_key());
+    }
+
+    /// The 1-based column of `needle`'s first character on line `line`.
+    fn col(src: &str, line: usize, needle: &str) -> usize {
+        src.lines().nth(line - 1).unwrap().find(needle).unwrap_or_else(|| panic!("{needle}")) + 1
+    }
+
+    #[test]
+    fn mask_errors_point_into_the_entry() {
+        let src = MASKING_POLICY
+            .replace(r"'EMP-\d{6}'", "'EMP-(\\d'")
+            .replace("\"detector:*\"]", "\"detector:phone\", \"column:a.b=partial:0\", \"header:x\"]")
+            .replace("\"detector:token\"]", "\"column:users.email\", \"detector:token\", \"detector:token=hash\"]");
+        let errs = errors(&src);
+        assert!(has(&errs, 6, "detector `employee-id`"), "{errs:?}");
+        let line = 20;
+        // The custom detector failed, so its name is unknown too.
+        let e = errs.iter().find(|e| e.line == line && e.message.contains("unknown detector `employee-id`"));
+        assert!(e.is_some(), "{errs:?}");
+        let e = errs.iter().find(|e| e.message.contains("unknown detector `phone`")).expect("phone");
+        assert_eq!((e.line, e.column), (line, col(&src, line, "\"detector:phone") + 1 + "detector:".len()));
+        let e = errs.iter().find(|e| e.message.contains("partial takes")).expect("partial");
+        assert_eq!((e.line, e.column), (line, col(&src, line, "0\", \"header")));
+        assert!(has(&errs, line, "`header:` masks do not apply to postgres targets"), "{errs:?}");
+        assert!(has(&errs, 24, "`column:` masks do not apply to http targets"), "{errs:?}");
+        let e = errs.iter().find(|e| e.message.contains("masked twice")).expect("twice");
+        assert_eq!((e.line, e.column), (24, col(&src, 24, "\"detector:token=hash") + 1));
+    }
+
+    #[test]
+    fn masking_section_is_checked() {
+        let src = MASKING_POLICY.replace("hash_key = { env = \"MASK_KEY\" }\n", "");
+        assert!(has(&errors(&src), 19, "`hash` needs a key"), "{:?}", errors(&src));
+        let src = MASKING_POLICY.replace("name = \"employee-id\"", "name = \"email\"");
+        assert!(has(&errors(&src), 5, "built-in detector"));
+        let src = MASKING_POLICY.replace("[masking]\n", "[masking]\nsalt = 1\n");
+        assert!(has(&errors(&src), 3, "unknown field `salt`"), "{:?}", errors(&src));
+        let src = MASKING_POLICY.replace(r"'EMP-\d{6}'", "'x*'");
+        assert!(has(&errors(&src), 6, "matches empty text"), "{:?}", errors(&src));
+        let tcp = "version = 1\n[[targets]]\nname = \"t\"\nprotocol = \"tcp\"\nmatch = [\"127.0.0.1:1\"]\n[[roles]]\nname = \"r\"\n[[roles.rules]]\ntarget = \"t\"\nallow = [\"connect\"]\nmask = [\"detector:email\"]\n";
+        assert!(has(&errors(tcp), 11, "do not apply to tcp targets (they take: nothing)"));
+    }
+
     #[test]
     fn ids_are_stable_and_nonzero() {
         assert_eq!(name_id("scope", "ci"), name_id("scope", "ci"));
