@@ -1,8 +1,9 @@
 //! Masking: what a role may see of the data flowing back from a target.
 //!
 //! A rule's `mask` entries (syntax in [`spec`]) compile once per policy load
-//! into a [`Plan`]: one multi-pattern automaton for every value detector
-//! the rule turns on, plus column, header and JSON member rules. A session
+//! into a [`Plan`]: the value detectors the rule turns on (cheap triggers,
+//! then patterns anchored at them, see [`detect`]), plus column, header and
+//! JSON member rules. A session
 //! starts a [`SessionMasker`] from the plan with the `hash` key and the
 //! target's injected credentials (always masked, whatever the rule says),
 //! and masks with it:
