@@ -3,7 +3,8 @@
 //!
 //! The path of one connection, one module per step: `intercept` (kernel
 //! programs and attribution), `protocols` (decoding each target's
-//! protocol), `policy` (the decision), `audit` (the record); plus `cli`,
+//! protocol), `policy` (the decision), `masking` (what a role may see of
+//! responses), `audit` (the record); plus `cli`,
 //! `config`, `control` (the local control socket) and `credentials`.
 pub mod approvals;
 pub mod audit;
@@ -17,6 +18,7 @@ pub mod enforcer;
 pub mod error;
 pub mod ids;
 pub mod intercept;
+pub mod masking;
 pub mod metrics;
 pub mod policy;
 pub mod protocols;

@@ -2,7 +2,7 @@
 //! Syntax errors are all reported (the parser recovers); each scope, target,
 //! role and binding is then read on its own, so one bad entry does not hide
 //! the errors in the next; cross-references are checked last.
-use std::{collections::HashSet, fmt, path::Path, time::Duration};
+use std::{collections::HashSet, fmt, path::Path, sync::Arc, time::Duration};
 
 use globset::Glob;
 use serde::Deserialize;
@@ -15,6 +15,11 @@ use toml::{
 use super::{
     address::{parse_exception, parse_patterns, parse_upstream},
     model::*,
+};
+use crate::masking::{
+    self,
+    spec::{self as mask_spec, Builtin, CustomDetector, Mode as MaskMode},
+    Plan,
 };
 
 /// One problem in a policy file.
@@ -142,6 +147,21 @@ enum RawSize {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawMasking {
+    hash_key: Option<Spanned<RawSecret>>,
+    #[serde(default)]
+    detectors: Vec<RawDetector>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDetector {
+    name: Spanned<String>,
+    pattern: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawBinding {
     scope: Option<Spanned<String>>,
     unit: Option<Spanned<String>>,
@@ -197,6 +217,7 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
     let mut raw_targets = Vec::new();
     let mut raw_roles = Vec::new();
     let mut raw_bindings = Vec::new();
+    let mut raw_masking = None;
     for (key, value) in doc.iter() {
         match key.get_ref().as_ref() {
             "version" => {
@@ -217,9 +238,18 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
                     policy.approvals = approvals(&mut errs, a);
                 }
             }
+            "masking" => match RawMasking::deserialize(ValueDeserializer::from(value.clone())) {
+                Ok(m) => raw_masking = Some(m),
+                Err(e) => {
+                    let offset = e.span().map_or(value.span().start, |s| s.start);
+                    errs.at(offset, format!("in `masking`: {}", e.message().trim()));
+                }
+            },
             other => errs.at(
                 key.span().start,
-                format!("unknown key `{other}` (expected version, scopes, targets, roles, bindings, approvals)"),
+                format!(
+                    "unknown key `{other}` (expected version, scopes, targets, roles, bindings, approvals, masking)"
+                ),
             ),
         }
     }
@@ -238,6 +268,9 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
         if let Some(target) = target(&mut errs, &mut names, t) {
             policy.targets.push(target);
         }
+    }
+    if let Some(m) = raw_masking {
+        policy.masking = masking_section(&mut errs, m);
     }
     let mut names = HashSet::new();
     for r in raw_roles {
@@ -583,6 +616,7 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
             HttpRule { allow, approve, deny, max_body, websocket: websocket.unwrap_or(false) }
         });
         let [allow, approve, deny] = lists;
+        let (masks, mask_plan) = masks(errs, policy, target, &raw.target, &raw.mask);
         rules.push(Rule {
             target: target.name.clone(),
             index,
@@ -590,6 +624,8 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
             approve,
             deny,
             mask: raw.mask.into_iter().map(Spanned::into_inner).collect(),
+            masks,
+            mask_plan,
             approval_timeout,
             http,
         });
@@ -653,6 +689,89 @@ fn parse_size(s: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(mult)
+}
+
+fn masking_section(errs: &mut Errors<'_>, m: RawMasking) -> MaskSettings {
+    let mut settings = MaskSettings { hash_key: m.hash_key.and_then(|k| secret(errs, k)), detectors: Vec::new() };
+    let mut names = HashSet::new();
+    for d in m.detectors {
+        if !unique(errs, &mut names, "detector", &d.name) {
+            continue;
+        }
+        if Builtin::parse(d.name.get_ref()).is_some() || d.name.get_ref() == "credential" {
+            errs.at_span(&d.name, format!("`{}` is the name of a built-in detector", d.name.get_ref()));
+            continue;
+        }
+        let custom = CustomDetector { name: d.name.get_ref().clone(), pattern: d.pattern.get_ref().clone() };
+        match masking::detect::check_custom(&custom) {
+            Ok(()) => settings.detectors.push(custom),
+            Err(e) => errs.at_span(&d.pattern, e.to_string()),
+        }
+    }
+    settings
+}
+
+/// Which mask kinds a protocol's responses can take.
+fn mask_kinds(p: Protocol) -> &'static [&'static str] {
+    match p {
+        Protocol::Postgres => &["column", "detector"],
+        Protocol::Http => &["detector", "header", "json"],
+        Protocol::Git => &["header"],
+        Protocol::Tcp => &[],
+    }
+}
+
+/// Parses, checks and compiles a rule's `mask` entries. Errors point into
+/// the entry's text.
+fn masks(
+    errs: &mut Errors<'_>,
+    policy: &Policy,
+    target: &Target,
+    at: &Spanned<String>,
+    raw: &[Spanned<String>],
+) -> (Vec<MaskRule>, Arc<Plan>) {
+    let custom = policy.masking.custom_names();
+    let mut rules = Vec::new();
+    let mut spans = Vec::new();
+    for entry in raw {
+        // +1: past the opening quote.
+        let base = entry.span().start + 1;
+        match mask_spec::parse_rule(entry.get_ref(), &custom) {
+            Ok(rule) => {
+                let kinds = mask_kinds(target.protocol);
+                if !kinds.contains(&rule.kind()) {
+                    let can = if kinds.is_empty() { "nothing".to_string() } else { kinds.join(", ") };
+                    errs.at(
+                        base,
+                        format!(
+                            "`{}:` masks do not apply to {} targets (they take: {can})",
+                            rule.kind(),
+                            target.protocol
+                        ),
+                    );
+                    continue;
+                }
+                if *rule.mode() == MaskMode::Hash && policy.masking.hash_key.is_none() {
+                    errs.at(base, "`hash` needs a key: add `hash_key = { file = \"...\" }` under [masking]");
+                    continue;
+                }
+                rules.push(rule);
+                spans.push(base);
+            }
+            Err(e) => errs.at(base + e.offset, e.message),
+        }
+    }
+    match Plan::compile(&policy.masking, &rules) {
+        Ok(plan) => (rules, Arc::new(plan)),
+        Err(masking::MaskError::Entry { index, message }) => {
+            errs.at(spans[index], message);
+            (Vec::new(), Arc::new(Plan::credentials_only()))
+        }
+        Err(e) => {
+            errs.at_span(at, e.to_string());
+            (Vec::new(), Arc::new(Plan::credentials_only()))
+        }
+    }
 }
 
 fn binding(errs: &mut Errors<'_>, policy: &Policy, index: usize, b: RawBinding) -> Option<Binding> {
@@ -864,6 +983,88 @@ approval_timeout = "soon"
         let p = parse(&cred("user = \"u\"\npassword = { env = \"P\" }")).expect("valid");
         let c = p.target("api").unwrap().credentials.clone().unwrap();
         assert!(matches!(c.http_injection(), Ok(HttpInjection::Basic { user: "u", .. })));
+    }
+
+    const MASKING_POLICY: &str = r#"version = 1
+[masking]
+hash_key = { env = "MASK_KEY" }
+[[masking.detectors]]
+name = "employee-id"
+pattern = 'EMP-\d{6}'
+[[targets]]
+name = "db"
+protocol = "postgres"
+match = ["127.0.0.53:5432"]
+[[targets]]
+name = "api"
+protocol = "http"
+match = ["127.0.0.53:443"]
+[[roles]]
+name = "r"
+[[roles.rules]]
+target = "db"
+allow = ["read"]
+mask = ["column:public.users.email=partial:4", "detector:employee-id=hash", "detector:*"]
+[[roles.rules]]
+target = "api"
+allow = ["GET"]
+mask = ["header:set-cookie", "json:password=null", "detector:token"]
+"#;
+
+    #[test]
+    fn mask_entries_parse_and_compile() {
+        let p = parse(MASKING_POLICY).unwrap();
+        assert_eq!(p.masking.detectors[0].name, "employee-id");
+        assert_eq!(p.masking.hash_key, Some(SecretRef::Env("MASK_KEY".into())));
+        let rule = p.role("r").unwrap().rule_for("db").unwrap();
+        assert_eq!(rule.masks.len(), 3);
+        assert_eq!(rule.mask[0], "column:public.users.email=partial:4");
+        assert!(rule.mask_plan.has_detectors());
+        assert!(rule.mask_plan.needs_key());
+        assert_eq!(rule.mask_plan.column_rules().len(), 1);
+        let api = p.role("r").unwrap().rule_for("api").unwrap();
+        assert!(!api.mask_plan.needs_key());
+    }
+
+    /// The 1-based column of `needle`'s first character on line `line`.
+    fn col(src: &str, line: usize, needle: &str) -> usize {
+        src.lines().nth(line - 1).unwrap().find(needle).unwrap_or_else(|| panic!("{needle}")) + 1
+    }
+
+    #[test]
+    fn mask_errors_point_into_the_entry() {
+        let src = MASKING_POLICY
+            .replace(r"'EMP-\d{6}'", "'EMP-(\\d'")
+            .replace("\"detector:*\"]", "\"detector:phone\", \"column:a.b=partial:0\", \"header:x\"]")
+            .replace("\"detector:token\"]", "\"column:users.email\", \"detector:token\", \"detector:token=hash\"]");
+        let errs = errors(&src);
+        assert!(has(&errs, 6, "detector `employee-id`"), "{errs:?}");
+        let line = 20;
+        // The custom detector failed, so its name is unknown too.
+        let e = errs.iter().find(|e| e.line == line && e.message.contains("unknown detector `employee-id`"));
+        assert!(e.is_some(), "{errs:?}");
+        let e = errs.iter().find(|e| e.message.contains("unknown detector `phone`")).expect("phone");
+        assert_eq!((e.line, e.column), (line, col(&src, line, "\"detector:phone") + 1 + "detector:".len()));
+        let e = errs.iter().find(|e| e.message.contains("partial takes")).expect("partial");
+        assert_eq!((e.line, e.column), (line, col(&src, line, "0\", \"header")));
+        assert!(has(&errs, line, "`header:` masks do not apply to postgres targets"), "{errs:?}");
+        assert!(has(&errs, 24, "`column:` masks do not apply to http targets"), "{errs:?}");
+        let e = errs.iter().find(|e| e.message.contains("masked twice")).expect("twice");
+        assert_eq!((e.line, e.column), (24, col(&src, 24, "\"detector:token=hash") + 1));
+    }
+
+    #[test]
+    fn masking_section_is_checked() {
+        let src = MASKING_POLICY.replace("hash_key = { env = \"MASK_KEY\" }\n", "");
+        assert!(has(&errors(&src), 19, "`hash` needs a key"), "{:?}", errors(&src));
+        let src = MASKING_POLICY.replace("name = \"employee-id\"", "name = \"email\"");
+        assert!(has(&errors(&src), 5, "built-in detector"));
+        let src = MASKING_POLICY.replace("[masking]\n", "[masking]\nsalt = 1\n");
+        assert!(has(&errors(&src), 3, "unknown field `salt`"), "{:?}", errors(&src));
+        let src = MASKING_POLICY.replace(r"'EMP-\d{6}'", "'x*'");
+        assert!(has(&errors(&src), 6, "matches empty text"), "{:?}", errors(&src));
+        let tcp = "version = 1\n[[targets]]\nname = \"t\"\nprotocol = \"tcp\"\nmatch = [\"127.0.0.1:1\"]\n[[roles]]\nname = \"r\"\n[[roles.rules]]\ntarget = \"t\"\nallow = [\"connect\"]\nmask = [\"detector:email\"]\n";
+        assert!(has(&errors(tcp), 11, "do not apply to tcp targets (they take: nothing)"));
     }
 
     #[test]

@@ -3,12 +3,16 @@ use std::{
     fmt,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
+    sync::Arc,
     time::Duration,
 };
 
 use globset::GlobMatcher;
 use ipnet::IpNet;
 use serde::Serialize;
+
+pub use crate::masking::spec::{MaskRule, MaskSettings};
+use crate::masking::Plan;
 
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
@@ -18,6 +22,8 @@ pub struct Policy {
     pub roles: Vec<Role>,
     pub bindings: Vec<Binding>,
     pub approvals: ApprovalSettings,
+    /// The `[masking]` section: the hash key and custom detectors.
+    pub masking: MaskSettings,
     /// Where it was read from (None for the built-in default).
     pub source: Option<PathBuf>,
     /// SHA-256 of the source text, to tell reloads apart in the audit log.
@@ -374,7 +380,15 @@ pub struct Rule {
     pub allow: Vec<String>,
     pub approve: Vec<String>,
     pub deny: Vec<String>,
+    /// The `mask` entries as written.
     pub mask: Vec<String>,
+    /// The same, parsed.
+    #[serde(skip)]
+    pub masks: Vec<MaskRule>,
+    /// The same, compiled (a plan without entries still masks the target's
+    /// injected credentials).
+    #[serde(skip)]
+    pub mask_plan: Arc<Plan>,
     /// How long a held request waits for a human before it is denied.
     #[serde(serialize_with = "ser_duration")]
     pub approval_timeout: Duration,

@@ -5,10 +5,11 @@ use anyhow::{bail, Result};
 
 mod audit;
 mod http;
+mod masking;
 mod tcp;
 
 pub fn run(which: &str) -> Result<()> {
-    const ALL: &[&str] = &["tcp", "http", "audit"];
+    const ALL: &[&str] = &["tcp", "http", "audit", "masking"];
     match which {
         "all" => {
             for b in ALL {
@@ -19,6 +20,7 @@ pub fn run(which: &str) -> Result<()> {
         "audit" => audit::run(),
         "tcp" => tcp::run(),
         "http" => http::run(),
+        "masking" => masking::run(),
         other => bail!("unknown benchmark `{other}` (available: {})", ALL.join(", ")),
     }
 }

@@ -1,0 +1,931 @@
+//! Value detectors. One pass of cheap triggers over the text finds where a
+//! secret may start: `@` (memchr) for emails, a run of digits for cards and
+//! IBANs, and one Aho-Corasick automaton (SIMD) for every literal a built-in
+//! pattern begins with (`-----BEGIN `, `eyJ`, `ghp_`, `AKIA`, `Bearer`,
+//! `password`...). At each trigger the detector's pattern runs anchored there
+//! (one multi-pattern automaton holds them all), then validators (Luhn,
+//! mod-97, JWT header) keep false positives out. Custom detectors run as one
+//! more multi-pattern automaton over the text.
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind as AcMatchKind};
+use regex_automata::{
+    meta::{self, Regex},
+    util::{captures::Captures, syntax},
+    Anchored, Input, MatchKind, PatternID,
+};
+
+use super::spec::{Builtin, CustomDetector};
+
+/// What found a match: a built-in detector or the index of a custom one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Builtin(Builtin),
+    Custom(usize),
+    /// One of the session's own injected credentials (never from a pattern).
+    Credential,
+}
+
+/// A found secret: bytes `start..end` of the text, and which detector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    pub start: usize,
+    pub end: usize,
+    pub kind: Kind,
+    /// Where the whole match starts, context included (`Bearer ` before a
+    /// token): a stream holds back from here.
+    pub context: usize,
+}
+
+/// The built-in patterns, run anchored at their triggers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pat {
+    PrivateKey,
+    Jwt,
+    AwsSecret,
+    Authorization,
+    Bearer,
+    PrefixToken,
+    /// `password = ...`, `api_key: ...`: anchored at the keyword's last
+    /// word (`key`, `token`, `secret`, `password`...).
+    Assignment,
+    AwsKeyId,
+    Email,
+    Iban,
+}
+
+impl Pat {
+    const ALL: [Pat; 10] = [
+        Pat::PrivateKey,
+        Pat::Jwt,
+        Pat::AwsSecret,
+        Pat::Authorization,
+        Pat::Bearer,
+        Pat::PrefixToken,
+        Pat::Assignment,
+        Pat::AwsKeyId,
+        Pat::Email,
+        Pat::Iban,
+    ];
+
+    fn builtin(self) -> Builtin {
+        match self {
+            Pat::PrivateKey => Builtin::PrivateKey,
+            Pat::Jwt => Builtin::Jwt,
+            Pat::AwsSecret | Pat::AwsKeyId => Builtin::AwsKey,
+            Pat::Authorization | Pat::Bearer | Pat::PrefixToken | Pat::Assignment => Builtin::Token,
+            Pat::Email => Builtin::Email,
+            Pat::Iban => Builtin::Iban,
+        }
+    }
+
+    /// Counted repetitions stay small so the automaton stays small;
+    /// validators check the rest. A capture group is the part masked.
+    fn source(self) -> &'static str {
+        match self {
+            // The body may be cut off (truncated text, or a stream that has
+            // not caught up yet): mask to where it stops.
+            Pat::PrivateKey => {
+                r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----(?:[A-Za-z0-9+/=\s:,.\\]|-[A-Za-z0-9])*(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----)?"
+            }
+            Pat::Jwt => r"eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*",
+            Pat::AwsSecret => r#"(?i:secret_?access_?key)["']?\s*[:=]+>?\s*["']?([A-Za-z0-9/+]{40})"#,
+            Pat::Authorization => {
+                r#"(?i:authorization)["']?\s*[:=]\s*["']?(?:(?i:bearer|basic|token|digest|bot)\s+)?([A-Za-z0-9._~+/=\-]{8,})"#
+            }
+            Pat::Bearer => r"(?i:bearer)\s+([A-Za-z0-9._~+/=\-]{16,})",
+            Pat::PrefixToken => concat!(
+                r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,}|glpat-[A-Za-z0-9_\-]{20,}",
+                r"|xox[abposr]-[A-Za-z0-9\-]{10,}|xapp-[A-Za-z0-9\-]{10,}|sk-[A-Za-z0-9_\-]{20,}",
+                r"|[sr]k_(?:live|test)_[A-Za-z0-9]{16,}|AIza[A-Za-z0-9_\-]{35}|npm_[A-Za-z0-9]{36,}",
+                r"|hf_[A-Za-z0-9]{30,}|pypi-[A-Za-z0-9_\-]{50,})"
+            ),
+            Pat::Assignment => {
+                r#"(?i:(?:(?:api|secret|private)[_\-]?)?(?:key|secret|token|password|passwd|pwd))["']?\s*[:=]\s*["']?([^\s"'`,;&<>\x00]{8,})"#
+            }
+            Pat::AwsKeyId => r"\b(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b",
+            Pat::Email => r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}",
+            Pat::Iban => r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b",
+        }
+    }
+
+    /// The literals that trigger the pattern (case variants spelled out:
+    /// the literal automaton is case-sensitive, so it can use SIMD).
+    fn triggers(self) -> Vec<String> {
+        let cased = |words: &[&str]| -> Vec<String> {
+            words.iter().flat_map(|w| [w.to_string(), capitalize(w), w.to_ascii_uppercase()]).collect()
+        };
+        match self {
+            Pat::PrivateKey => vec!["-----BEGIN ".into()],
+            Pat::Jwt => vec!["eyJ".into()],
+            Pat::AwsSecret => cased(&["secret"]),
+            Pat::Authorization => cased(&["authorization"]),
+            Pat::Bearer => cased(&["bearer"]),
+            Pat::PrefixToken => [
+                "ghp_",
+                "gho_",
+                "ghu_",
+                "ghs_",
+                "ghr_",
+                "github_pat_",
+                "glpat-",
+                "xoxa-",
+                "xoxb-",
+                "xoxp-",
+                "xoxo-",
+                "xoxs-",
+                "xoxr-",
+                "xapp-",
+                "sk-",
+                "sk_live_",
+                "sk_test_",
+                "rk_live_",
+                "rk_test_",
+                "AIza",
+                "npm_",
+                "hf_",
+                "pypi-",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            Pat::Assignment => cased(&["key", "secret", "token", "password", "passwd", "pwd"]),
+            Pat::AwsKeyId => ["AKIA", "ASIA", "ABIA", "ACCA"].iter().map(|s| s.to_string()).collect(),
+            // Found by their own scans.
+            Pat::Email | Pat::Iban => Vec::new(),
+        }
+    }
+}
+
+fn capitalize(w: &str) -> String {
+    let mut c = w.chars();
+    c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DetectError {
+    #[error("detector `{name}`: {message}")]
+    Pattern { name: String, message: String },
+    #[error("detector `{name}` matches empty text; it must match at least one character")]
+    Empty { name: String },
+    #[error("the detectors together are too large to compile: {0}")]
+    Build(String),
+}
+
+fn syntax_config() -> syntax::Config {
+    // ASCII classes and boundaries keep every pattern within the DFA
+    // engines (a Unicode \b forces the slow path); text may be any bytes.
+    syntax::Config::new().unicode(false).utf8(false)
+}
+
+fn build(sources: &[&str]) -> Result<Regex, DetectError> {
+    Regex::builder()
+        .syntax(syntax_config())
+        .configure(Regex::config().match_kind(MatchKind::LeftmostFirst).hybrid_cache_capacity(8 << 20))
+        .build_many(sources)
+        .map_err(|e| DetectError::Build(one_line(&e.to_string())))
+}
+
+/// Checks one custom pattern alone (for policy validation).
+pub fn check_custom(d: &CustomDetector) -> Result<(), DetectError> {
+    let re = Regex::builder()
+        .syntax(syntax_config())
+        .configure(Regex::config().nfa_size_limit(Some(1 << 20)))
+        .build(&d.pattern)
+        .map_err(|e| DetectError::Pattern { name: d.name.clone(), message: one_line(&e.to_string()) })?;
+    if re.is_match(Input::new("").anchored(Anchored::Yes)) {
+        return Err(DetectError::Empty { name: d.name.clone() });
+    }
+    Ok(())
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn is_word(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_'
+}
+
+/// The characters of an email's local part.
+fn is_local(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b".%+-_".contains(&b)
+}
+
+/// A compiled set of detectors.
+pub struct Detectors {
+    /// The enabled built-in patterns, anchored searches only.
+    anchored: Option<Regex>,
+    /// Pattern id in `anchored` of each enabled `Pat` (by `Pat::ALL` index).
+    pid: [Option<PatternID>; Pat::ALL.len()],
+    /// Trigger literals, and the patterns each may start, tried in order.
+    literals: Option<AhoCorasick>,
+    literal_pats: Vec<Vec<Pat>>,
+    email: bool,
+    card: bool,
+    iban: bool,
+    custom: Option<Regex>,
+    custom_index: Vec<usize>,
+    custom_group: Vec<bool>,
+}
+
+impl std::fmt::Debug for Detectors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Detectors").field("custom", &self.custom_index.len()).finish_non_exhaustive()
+    }
+}
+
+/// Per-searcher scratch space (one per session or stream; never shared).
+pub struct Scratch {
+    anchored: Option<(meta::Cache, Captures)>,
+    custom: Option<(meta::Cache, Captures)>,
+    cands: Vec<Cand>,
+    custom_found: Vec<Found>,
+}
+
+/// A place a secret may start.
+#[derive(Debug, Clone, Copy)]
+struct Cand {
+    /// Where the pattern is tried (for a card: the digit run's start).
+    at: usize,
+    what: CandKind,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum CandKind {
+    Pat(Pat),
+    /// A trigger literal (index into `literal_pats`).
+    Literal(usize),
+    /// An `@` at this offset.
+    Email(usize),
+    /// A digit run ending here.
+    Card(usize),
+}
+
+fn pat_index(p: Pat) -> usize {
+    Pat::ALL.iter().position(|x| *x == p).expect("listed")
+}
+
+impl Detectors {
+    /// Compiles the given built-ins and custom detectors (with their index
+    /// in the policy's list).
+    pub fn new(builtins: &[Builtin], custom: &[(usize, &CustomDetector)]) -> Result<Detectors, DetectError> {
+        let pats: Vec<Pat> = Pat::ALL.iter().copied().filter(|p| builtins.contains(&p.builtin())).collect();
+        let mut pid = [None; Pat::ALL.len()];
+        for (i, p) in pats.iter().enumerate() {
+            pid[pat_index(*p)] = Some(PatternID::must(i));
+        }
+        let sources: Vec<&str> = pats.iter().map(|p| p.source()).collect();
+        let anchored = if sources.is_empty() { None } else { Some(build(&sources)?) };
+        let mut literals: Vec<String> = Vec::new();
+        let mut literal_pats: Vec<Vec<Pat>> = Vec::new();
+        for p in &pats {
+            for t in p.triggers() {
+                match literals.iter().position(|l| *l == t) {
+                    Some(i) => literal_pats[i].push(*p),
+                    None => {
+                        literals.push(t);
+                        literal_pats.push(vec![*p]);
+                    }
+                }
+            }
+        }
+        let literals = (!literals.is_empty()).then(|| {
+            AhoCorasickBuilder::new()
+                .match_kind(AcMatchKind::LeftmostLongest)
+                .build(&literals)
+                .expect("literal triggers always build")
+        });
+        let mut custom_sources = Vec::new();
+        let mut custom_index = Vec::new();
+        let mut custom_group = Vec::new();
+        for (i, d) in custom {
+            check_custom(d)?;
+            let groups = Regex::builder()
+                .syntax(syntax_config())
+                .build(&d.pattern)
+                .map(|r| r.group_info().group_len(PatternID::ZERO))
+                .unwrap_or(1);
+            custom_sources.push(d.pattern.as_str());
+            custom_index.push(*i);
+            custom_group.push(groups > 1);
+        }
+        let custom = if custom_sources.is_empty() { None } else { Some(build(&custom_sources)?) };
+        Ok(Detectors {
+            anchored,
+            pid,
+            literals,
+            literal_pats,
+            email: builtins.contains(&Builtin::Email),
+            card: builtins.contains(&Builtin::Card),
+            iban: builtins.contains(&Builtin::Iban),
+            custom,
+            custom_index,
+            custom_group,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.anchored.is_none() && self.custom.is_none() && !self.card
+    }
+
+    pub fn scratch(&self) -> Scratch {
+        let caches = |r: &Regex| (r.create_cache(), Captures::all(r.group_info().clone()));
+        Scratch {
+            anchored: self.anchored.as_ref().map(caches),
+            custom: self.custom.as_ref().map(caches),
+            cands: Vec::new(),
+            custom_found: Vec::new(),
+        }
+    }
+
+    /// Appends every validated match in `text` to `out`, in order, without
+    /// overlaps.
+    pub fn find(&self, scratch: &mut Scratch, text: &[u8], out: &mut Vec<Found>) {
+        let first = out.len();
+        self.find_builtin(scratch, text, out);
+        if let (Some(re), Some((cache, caps))) = (&self.custom, &mut scratch.custom) {
+            let found = &mut scratch.custom_found;
+            found.clear();
+            let mut at = 0;
+            while at < text.len() {
+                let Some(m) = re.search_with(cache, &Input::new(text).range(at..)) else { break };
+                let i = m.pattern().as_usize();
+                let (mut a, mut b) = (m.start(), m.end());
+                if self.custom_group[i] {
+                    let input = Input::new(text).range(a..b).anchored(Anchored::Pattern(m.pattern()));
+                    re.search_captures_with(cache, &input, caps);
+                    if let Some(g) = caps.get_group(1).filter(|g| g.start < g.end) {
+                        (a, b) = (g.start, g.end);
+                    }
+                }
+                found.push(Found { start: a, end: b, kind: Kind::Custom(self.custom_index[i]), context: m.start() });
+                at = m.end().max(m.start() + 1);
+            }
+            if !found.is_empty() {
+                // Merge: the earlier start wins an overlap, a custom
+                // detector a tie.
+                let builtin: Vec<Found> = out.drain(first..).collect();
+                let mut all: Vec<Found> = found.drain(..).chain(builtin).collect();
+                all.sort_by_key(|f| f.context);
+                let mut end = 0;
+                for f in all {
+                    if f.context >= end || out.len() == first {
+                        end = f.end;
+                        out.push(f);
+                    }
+                }
+            }
+        }
+    }
+
+    fn find_builtin(&self, scratch: &mut Scratch, text: &[u8], out: &mut Vec<Found>) {
+        let cands = &mut scratch.cands;
+        cands.clear();
+        if let Some(ac) = &self.literals {
+            for m in ac.find_iter(text) {
+                let mut at = m.start();
+                if text[m.start()..m.end()].eq_ignore_ascii_case(b"key") {
+                    // Only `api_key`, `secret-key`, `privateKey` and the like.
+                    match key_prefix(text, m.start()) {
+                        Some(p) => at = p,
+                        None => continue,
+                    }
+                }
+                cands.push(Cand { at, what: CandKind::Literal(m.pattern().as_usize()) });
+            }
+        }
+        if self.email {
+            for p in memchr::memchr_iter(b'@', text) {
+                let mut a = p;
+                while a > 0 && is_local(text[a - 1]) {
+                    a -= 1;
+                }
+                if a < p {
+                    cands.push(Cand { at: a, what: CandKind::Email(p) });
+                }
+            }
+        }
+        if self.card || self.iban {
+            digit_runs(text, |start, end, digits| {
+                if self.iban
+                    && start >= 2
+                    && text[start - 2].is_ascii_uppercase()
+                    && text[start - 1].is_ascii_uppercase()
+                    && (start == 2 || !is_word(text[start - 3]))
+                {
+                    cands.push(Cand { at: start - 2, what: CandKind::Pat(Pat::Iban) });
+                }
+                if self.card && digits >= 13 {
+                    cands.push(Cand { at: start, what: CandKind::Card(end) });
+                }
+            });
+        }
+        if cands.is_empty() {
+            return;
+        }
+        cands.sort_by_key(|c| c.at);
+        let mut last_end = 0;
+        for c in cands.iter() {
+            let found = match c.what {
+                CandKind::Email(at_sign) => {
+                    if at_sign <= last_end {
+                        continue;
+                    }
+                    self.try_pat(scratch.anchored.as_mut(), text, c.at.max(last_end), Pat::Email)
+                }
+                _ if c.at < last_end => continue,
+                CandKind::Card(end) => card_run(text, c.at, end)
+                    .map(|(a, b)| (Found { start: a, end: b, kind: Kind::Builtin(Builtin::Card), context: a }, b)),
+                CandKind::Pat(p) => self.try_pat(scratch.anchored.as_mut(), text, c.at, p),
+                CandKind::Literal(i) => {
+                    self.literal_pats[i].iter().find_map(|&p| self.try_pat(scratch.anchored.as_mut(), text, c.at, p))
+                }
+            };
+            if let Some((f, match_end)) = found {
+                out.push(f);
+                last_end = match_end;
+            }
+        }
+    }
+
+    /// Runs one pattern anchored at `at`; returns what to mask and where
+    /// the whole match ends.
+    fn try_pat(
+        &self,
+        scratch: Option<&mut (meta::Cache, Captures)>,
+        text: &[u8],
+        at: usize,
+        p: Pat,
+    ) -> Option<(Found, usize)> {
+        let re = self.anchored.as_ref()?;
+        let (cache, caps) = scratch?;
+        let pid = self.pid[pat_index(p)]?;
+        let input = Input::new(text).range(at..).anchored(Anchored::Pattern(pid));
+        let kind = Kind::Builtin(p.builtin());
+        let (s, e) = match p {
+            Pat::AwsSecret | Pat::Authorization | Pat::Bearer | Pat::Assignment => {
+                // A plain search first (DFA): most triggers are ordinary
+                // words, and captures cost more.
+                re.search_with(cache, &input)?;
+                re.search_captures_with(cache, &input, caps);
+                let whole = caps.get_match()?;
+                let g = caps.get_group(1).filter(|g| g.start < g.end);
+                let (a, b) = g.map_or((whole.start(), whole.end()), |g| (g.start, g.end));
+                if p == Pat::AwsSecret
+                    && text.get(b).is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'/' || c == b'+')
+                {
+                    return None;
+                }
+                return Some((Found { start: a, end: b, kind, context: at }, whole.end()));
+            }
+            _ => {
+                let m = re.search_with(cache, &input)?;
+                (m.start(), m.end())
+            }
+        };
+        let (a, b) = match p {
+            Pat::Iban => iban_in(&text[s..e]).map(|(a, b)| (s + a, s + b))?,
+            Pat::Jwt if !jwt_ok(&text[s..e]) => return None,
+            _ => (s, e),
+        };
+        Some((Found { start: a, end: b, kind, context: s }, e))
+    }
+}
+
+/// For a `key` at `at`: the start of `api_key`, `secret-key`, `privateKey`
+/// and the like, if that is what it is.
+fn key_prefix(text: &[u8], at: usize) -> Option<usize> {
+    let before = &text[..at];
+    let before = before.strip_suffix(b"_").or_else(|| before.strip_suffix(b"-")).unwrap_or(before);
+    for p in [&b"api"[..], b"secret", b"private"] {
+        if before.len() >= p.len() && before[before.len() - p.len()..].eq_ignore_ascii_case(p) {
+            return Some(before.len() - p.len());
+        }
+    }
+    None
+}
+
+/// Calls `f(start, end, digits)` for each run of digits joined by single
+/// spaces or dashes.
+fn digit_runs(text: &[u8], mut f: impl FnMut(usize, usize, usize)) {
+    let n = text.len();
+    let mut i = 0;
+    while i < n {
+        match next_digit(text, i) {
+            None => return,
+            Some(k) => i = k,
+        }
+        let start = i;
+        let mut digits = 0;
+        loop {
+            while i < n && text[i].is_ascii_digit() {
+                i += 1;
+                digits += 1;
+            }
+            if i + 1 < n && (text[i] == b' ' || text[i] == b'-') && text[i + 1].is_ascii_digit() {
+                i += 1;
+            } else {
+                break;
+            }
+        }
+        f(start, i, digits);
+    }
+}
+
+/// The offset of the first ASCII digit at or after `from`, eight bytes at a
+/// time (most text has few digits).
+fn next_digit(text: &[u8], mut from: usize) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    while from + 8 <= text.len() {
+        let w = u64::from_le_bytes(text[from..from + 8].try_into().expect("8 bytes"));
+        // Digits become 0..=9; a byte below 10 sets its high bit here.
+        let t = w ^ (ONES * 0x30);
+        if t.wrapping_sub(ONES * 10) & !t & (ONES * 0x80) != 0 {
+            break;
+        }
+        from += 8;
+    }
+    text[from..].iter().position(u8::is_ascii_digit).map(|k| from + k)
+}
+
+/// A card in the digit run `start..end`, with the word boundaries the
+/// pattern `\b[0-9](?:[ -]?[0-9]){12,}\b` would want.
+fn card_run(text: &[u8], mut start: usize, mut end: usize) -> Option<(usize, usize)> {
+    let sep = |b: &u8| *b == b' ' || *b == b'-';
+    if start > 0 && is_word(text[start - 1]) {
+        start += text[start..end].iter().position(sep)? + 1;
+    }
+    if end < text.len() && is_word(text[end]) {
+        end = start + text[start..end].iter().rposition(sep)?;
+    }
+    card_in(&text[start..end]).map(|(a, b)| (start + a, start + b))
+}
+
+/// Luhn check over ASCII digits.
+pub fn luhn(digits: &[u8]) -> bool {
+    let mut sum = 0u32;
+    for (i, d) in digits.iter().rev().enumerate() {
+        let mut v = (d - b'0') as u32;
+        if i % 2 == 1 {
+            v *= 2;
+            if v > 9 {
+                v -= 9;
+            }
+        }
+        sum += v;
+    }
+    sum % 10 == 0
+}
+
+/// Finds a card number in a run of digits with optional single spaces or
+/// dashes: 13 to 19 digits, Luhn-valid, an issuer's first digit (2-6), and
+/// either no separators or groups printed as cards are (4-4-4-4[-3],
+/// 4-6-5, 4-6-4). Returns the span within the run.
+fn card_in(run: &[u8]) -> Option<(usize, usize)> {
+    // Groups: (start, end) of each digit group.
+    let mut groups: Vec<(usize, usize)> = Vec::with_capacity(8);
+    let mut start = 0;
+    let mut sep: Option<u8> = None;
+    for (i, &c) in run.iter().enumerate() {
+        if !c.is_ascii_digit() {
+            // Mixed separators are not a card layout; split there.
+            if sep.is_some_and(|s| s != c) {
+                groups.push((start, i));
+                return card_in_groups(run, &groups)
+                    .or_else(|| card_in(&run[i + 1..]).map(|(a, b)| (a + i + 1, b + i + 1)));
+            }
+            sep = Some(c);
+            groups.push((start, i));
+            start = i + 1;
+        }
+    }
+    groups.push((start, run.len()));
+    card_in_groups(run, &groups)
+}
+
+fn card_in_groups(run: &[u8], groups: &[(usize, usize)]) -> Option<(usize, usize)> {
+    let ok = |a: usize, b: usize| -> bool {
+        let digits: Vec<u8> = run[groups[a].0..groups[b].1].iter().copied().filter(u8::is_ascii_digit).collect();
+        (13..=19).contains(&digits.len()) && (b'2'..=b'6').contains(&digits[0]) && luhn(&digits)
+    };
+    if groups.len() == 1 {
+        let (s, e) = groups[0];
+        return ok(0, 0).then_some((s, e));
+    }
+    let len = |g: usize| groups[g].1 - groups[g].0;
+    for a in 0..groups.len() {
+        for b in a + 1..groups.len() {
+            let lens: Vec<usize> = (a..=b).map(len).collect();
+            let layout = match lens.as_slice() {
+                [4, 6, 5] | [4, 6, 4] => true,
+                [first @ .., last] => first.iter().all(|&l| l == 4) && (1..=4).contains(last),
+                [] => false,
+            };
+            if layout && ok(a, b) {
+                return Some((groups[a].0, groups[b].1));
+            }
+        }
+    }
+    None
+}
+
+/// IBAN lengths by country (the SWIFT registry).
+const IBAN_LENGTHS: &[(&[u8; 2], usize)] = &[
+    (b"AD", 24),
+    (b"AE", 23),
+    (b"AL", 28),
+    (b"AT", 20),
+    (b"AZ", 28),
+    (b"BA", 20),
+    (b"BE", 16),
+    (b"BG", 22),
+    (b"BH", 22),
+    (b"BI", 27),
+    (b"BR", 29),
+    (b"BY", 28),
+    (b"CH", 21),
+    (b"CR", 22),
+    (b"CY", 28),
+    (b"CZ", 24),
+    (b"DE", 22),
+    (b"DJ", 27),
+    (b"DK", 18),
+    (b"DO", 28),
+    (b"EE", 20),
+    (b"EG", 29),
+    (b"ES", 24),
+    (b"FI", 18),
+    (b"FK", 18),
+    (b"FO", 18),
+    (b"FR", 27),
+    (b"GB", 22),
+    (b"GE", 22),
+    (b"GI", 23),
+    (b"GL", 18),
+    (b"GR", 27),
+    (b"GT", 28),
+    (b"HR", 21),
+    (b"HU", 28),
+    (b"IE", 22),
+    (b"IL", 23),
+    (b"IQ", 23),
+    (b"IS", 26),
+    (b"IT", 27),
+    (b"JO", 30),
+    (b"KW", 30),
+    (b"KZ", 20),
+    (b"LB", 28),
+    (b"LC", 32),
+    (b"LI", 21),
+    (b"LT", 20),
+    (b"LU", 20),
+    (b"LV", 21),
+    (b"LY", 25),
+    (b"MC", 27),
+    (b"MD", 24),
+    (b"ME", 22),
+    (b"MK", 19),
+    (b"MN", 20),
+    (b"MR", 27),
+    (b"MT", 31),
+    (b"MU", 30),
+    (b"NI", 28),
+    (b"NL", 18),
+    (b"NO", 15),
+    (b"OM", 23),
+    (b"PK", 24),
+    (b"PL", 28),
+    (b"PS", 29),
+    (b"PT", 25),
+    (b"QA", 29),
+    (b"RO", 24),
+    (b"RS", 22),
+    (b"RU", 33),
+    (b"SA", 24),
+    (b"SC", 31),
+    (b"SD", 18),
+    (b"SE", 24),
+    (b"SI", 19),
+    (b"SK", 24),
+    (b"SM", 27),
+    (b"SO", 23),
+    (b"ST", 25),
+    (b"SV", 28),
+    (b"TL", 23),
+    (b"TN", 24),
+    (b"TR", 26),
+    (b"UA", 29),
+    (b"VA", 22),
+    (b"VG", 24),
+    (b"XK", 20),
+    (b"YE", 30),
+];
+
+/// ISO 13616 check: move the first four characters to the end, letters to
+/// numbers (A=10), remainder mod 97 must be 1.
+pub fn iban_mod97(iban: &[u8]) -> bool {
+    let mut rem: u32 = 0;
+    for &c in iban[4..].iter().chain(&iban[..4]) {
+        match c {
+            b'0'..=b'9' => rem = (rem * 10 + (c - b'0') as u32) % 97,
+            b'A'..=b'Z' => rem = (rem * 100 + (c - b'A' + 10) as u32) % 97,
+            _ => return false,
+        }
+    }
+    rem == 1
+}
+
+/// Finds an IBAN at the start of a candidate (which may run on into the
+/// next word): the country's length if known, else the longest prefix of
+/// whole groups that passes mod-97.
+fn iban_in(cand: &[u8]) -> Option<(usize, usize)> {
+    let mut compact = Vec::with_capacity(34);
+    let mut ends = Vec::with_capacity(34); // end offset in `cand` after each compact char
+    for (i, &c) in cand.iter().enumerate() {
+        if c != b' ' {
+            compact.push(c);
+            ends.push(i + 1);
+        }
+    }
+    let country = &compact[..2];
+    let want = IBAN_LENGTHS.iter().find(|(cc, _)| cc.as_slice() == country).map(|&(_, l)| l);
+    match want {
+        Some(l) => (compact.len() >= l && iban_mod97(&compact[..l])).then(|| (0, ends[l - 1])),
+        None => (15..=compact.len().min(34)).rev().find(|&l| iban_mod97(&compact[..l])).map(|l| (0, ends[l - 1])),
+    }
+}
+
+/// A JWT's header is base64url JSON: it decodes to an object.
+fn jwt_ok(m: &[u8]) -> bool {
+    use base64::Engine;
+    let header = m.split(|&c| c == b'.').next().unwrap_or_default();
+    let n = header.len().min(64) / 4 * 4; // a prefix is enough
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(&header[..n])
+        .is_ok_and(|h| h.first() == Some(&b'{') && h.windows(2).any(|w| w == b"\":"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Detectors {
+        Detectors::new(&Builtin::ALL, &[]).unwrap()
+    }
+
+    fn found(d: &Detectors, text: &str) -> Vec<(String, Kind)> {
+        let mut s = d.scratch();
+        let mut out = Vec::new();
+        d.find(&mut s, text.as_bytes(), &mut out);
+        out.iter().map(|f| (text[f.start..f.end].to_string(), f.kind)).collect()
+    }
+
+    fn one(text: &str) -> Option<(String, Builtin)> {
+        let f = found(&all(), text);
+        assert!(f.len() <= 1, "{f:?}");
+        f.into_iter().next().map(|(s, k)| match k {
+            Kind::Builtin(b) => (s, b),
+            other => panic!("{other:?}"),
+        })
+    }
+
+    fn is(text: &str, secret: &str, kind: Builtin) {
+        assert_eq!(one(text), Some((secret.to_string(), kind)), "in {text:?}");
+    }
+
+    #[test]
+    fn emails() {
+        is("write to alice.smith+x@mail.example.co.uk today", "alice.smith+x@mail.example.co.uk", Builtin::Email);
+        is("<bob@example.org>", "bob@example.org", Builtin::Email);
+        assert_eq!(one("user@localhost and @handle"), None);
+    }
+
+    #[test]
+    fn cards_need_luhn_and_a_card_layout() {
+        is("card 4111 1111 1111 1111 exp 12/29", "4111 1111 1111 1111", Builtin::Card);
+        is("4111-1111-1111-1111", "4111-1111-1111-1111", Builtin::Card);
+        is("pan=5555555555554444;", "5555555555554444", Builtin::Card);
+        is("amex 3782 822463 10005.", "3782 822463 10005", Builtin::Card);
+        // One digit off: not Luhn-valid, not masked.
+        assert_eq!(one("4111 1111 1111 1112"), None);
+        assert_eq!(one("order 4111111111111112"), None);
+        // Luhn-valid but no issuer starts with 0, 1, 7, 8 or 9.
+        assert_eq!(one("0000000000000000"), None);
+        // A longer id without separators is not a card.
+        assert_eq!(one("41111111111111110000"), None);
+        // A phone number laid out unlike a card.
+        assert_eq!(one("+1 555 012 3456 789"), None);
+        // A card after other digits of the same run.
+        is("ref 12-4111-1111-1111-1111", "4111-1111-1111-1111", Builtin::Card);
+        is("1234 4111 1111 1111 1111", "4111 1111 1111 1111", Builtin::Card);
+    }
+
+    #[test]
+    fn ibans_need_mod97() {
+        is("pay DE89 3704 0044 0532 0130 00 now", "DE89 3704 0044 0532 0130 00", Builtin::Iban);
+        is("GB82WEST12345698765432", "GB82WEST12345698765432", Builtin::Iban);
+        is("DE89370400440532013000 ABCD", "DE89370400440532013000", Builtin::Iban);
+        assert_eq!(one("DE88 3704 0044 0532 0130 00"), None);
+        assert!(iban_mod97(b"NO9386011117947"));
+    }
+
+    #[test]
+    fn jwts() {
+        let jwt = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U";
+        is(&format!("token {jwt} end"), jwt, Builtin::Jwt);
+        // eyJ followed by something that is not base64 JSON.
+        assert_eq!(one("eyJzzzzzzzzzz.abcdefghij.xyz"), None);
+    }
+
+    #[test]
+    fn aws_keys() {
+        is("id AKIAIOSFODNN7EXAMPLE,", "AKIAIOSFODNN7EXAMPLE", Builtin::AwsKey);
+        is(
+            "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            Builtin::AwsKey,
+        );
+        is(
+            r#"{"SecretAccessKey": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"}"#,
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            Builtin::AwsKey,
+        );
+        assert_eq!(one("AKIAIOSFODNN7EXAMPL"), None);
+    }
+
+    #[test]
+    fn private_keys_whole_or_cut_off() {
+        let pem = "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nMIIEpAIBAAKCAQEA1234+/=\nabcd\n-----END RSA PRIVATE KEY-----";
+        is(&format!("key:\n{pem}\nThanks, Bob"), pem, Builtin::PrivateKey);
+        let cut = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA";
+        is(cut, cut, Builtin::PrivateKey);
+        assert_eq!(one("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"), None);
+    }
+
+    #[test]
+    fn tokens() {
+        is("Authorization: Bearer abcdef0123456789abcdef", "abcdef0123456789abcdef", Builtin::Token);
+        is("authorization=Basic dXNlcjpwYXNzd29yZA==", "dXNlcjpwYXNzd29yZA==", Builtin::Token);
+        is("use bearer abcdefghijklmnop1234 here", "abcdefghijklmnop1234", Builtin::Token);
+        let gh = "ghp_0123456789abcdefghijABCDEFGHIJ012345";
+        is(&format!("GITHUB_TOKEN={gh}"), gh, Builtin::Token);
+        is("key sk-proj-abcdefghijklmnopqrstuvwx.", "sk-proj-abcdefghijklmnopqrstuvwx", Builtin::Token);
+        is("xoxb-1234567890-abcdefghij", "xoxb-1234567890-abcdefghij", Builtin::Token);
+        is(r#"{"api_key": "9f8e7d6c5b4a"}"#, "9f8e7d6c5b4a", Builtin::Token);
+        is("password=hunter2hunter2&x=1", "hunter2hunter2", Builtin::Token);
+        assert_eq!(one("reset your password: click"), None);
+        assert_eq!(one("task-1234 is done"), None);
+        assert_eq!(one("ghp_short"), None);
+    }
+
+    #[test]
+    fn several_in_one_text_in_order() {
+        let text = "Ann <ann@x.io> paid with 4111111111111111, Bob <bob@y.io> with 5555 5555 5555 4444.";
+        let f = found(&all(), text);
+        let got: Vec<&str> = f.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(got, ["ann@x.io", "4111111111111111", "bob@y.io", "5555 5555 5555 4444"]);
+    }
+
+    #[test]
+    fn only_enabled_detectors_and_custom_ones() {
+        let emp = CustomDetector { name: "emp".into(), pattern: r"\bEMP-[0-9]{6}\b".into() };
+        let part = CustomDetector { name: "ref".into(), pattern: r"ref=([A-Z]{3})[0-9]+".into() };
+        let d = Detectors::new(&[Builtin::Email], &[(0, &emp), (1, &part)]).unwrap();
+        let f = found(&d, "EMP-123456 a@b.io 4111111111111111 ref=ABC123");
+        assert_eq!(
+            f,
+            vec![
+                ("EMP-123456".into(), Kind::Custom(0)),
+                ("a@b.io".into(), Kind::Builtin(Builtin::Email)),
+                ("ABC".into(), Kind::Custom(1)),
+            ]
+        );
+    }
+
+    #[test]
+    fn custom_patterns_are_checked() {
+        let bad = CustomDetector { name: "x".into(), pattern: "(unclosed".into() };
+        assert!(matches!(check_custom(&bad), Err(DetectError::Pattern { .. })));
+        let empty = CustomDetector { name: "y".into(), pattern: "a*".into() };
+        assert!(matches!(check_custom(&empty), Err(DetectError::Empty { .. })));
+    }
+
+    #[test]
+    fn next_digit_finds_every_digit_at_any_offset() {
+        let text: Vec<u8> = (0..=255u8).chain(0..=255u8).collect();
+        for from in 0..text.len() {
+            assert_eq!(next_digit(&text, from), text[from..].iter().position(u8::is_ascii_digit).map(|k| from + k));
+        }
+        assert_eq!(next_digit(b"abcdefghijklmnop9", 0), Some(16));
+        assert_eq!(next_digit(b"abcdefghijklmnopq", 0), None);
+    }
+
+    #[test]
+    fn invalid_utf8_is_searched_too() {
+        let d = all();
+        let mut s = d.scratch();
+        let mut out = Vec::new();
+        d.find(&mut s, b"\xff\xfe bob@example.com \xc3", &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].start, out[0].end), (3, 18));
+    }
+}

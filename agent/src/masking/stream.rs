@@ -1,0 +1,199 @@
+//! Masking a byte stream that arrives in chunks (HTTP bodies, raw text).
+//!
+//! The last `window` bytes are held back until more data (or the end)
+//! arrives, so a secret split across chunks is seen whole: a secret no
+//! longer than the window is never let out in part. A match that reaches
+//! into the held bytes holds back from its start instead (a private key
+//! block longer than the window waits for its end), up to `max_hold` bytes;
+//! past that, what has come is let out masked and the rest of the match,
+//! as it keeps arriving, is swallowed.
+use super::{detect::Found, SessionMasker};
+
+/// The default hold-back window.
+pub const DEFAULT_WINDOW: usize = 4096;
+/// The smallest window: room for the longest context a pattern needs before
+/// its secret (`aws_secret_access_key = ` and 40 characters).
+pub const MIN_WINDOW: usize = 256;
+/// The most a stream holds back for one unfinished match.
+pub const MAX_HOLD: usize = 1 << 20;
+/// How much of a let-out match's start is kept to recognise its
+/// continuation.
+const CONTEXT: usize = 1024;
+
+pub struct StreamMasker {
+    m: SessionMasker,
+    window: usize,
+    max_hold: usize,
+    pending: Vec<u8>,
+    /// The start of a match let out before it ended.
+    carry: Option<Vec<u8>>,
+}
+
+impl StreamMasker {
+    pub(super) fn new(m: SessionMasker, window: usize) -> StreamMasker {
+        let window = window.max(2 * m.longest_credential()).max(MIN_WINDOW);
+        StreamMasker { m, window, max_hold: MAX_HOLD.max(2 * window), pending: Vec::new(), carry: None }
+    }
+
+    /// Lowers the hold bound (tests and memory-tight callers).
+    pub fn with_max_hold(mut self, max_hold: usize) -> StreamMasker {
+        self.max_hold = max_hold.max(2 * self.window);
+        self
+    }
+
+    /// Bytes received and not yet let out.
+    pub fn held(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Takes a chunk; appends to `out` what can be let out now.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        self.pending.extend_from_slice(chunk);
+        // Scan when at least a window of new bytes is in, so each byte is
+        // scanned about twice whatever the chunk sizes.
+        if self.pending.len() >= 2 * self.window {
+            self.flush(false, out);
+        }
+    }
+
+    /// The stream ended: lets out the rest, masked.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        self.flush(true, out);
+        self.carry = None;
+    }
+
+    fn flush(&mut self, last: bool, out: &mut Vec<u8>) {
+        if !self.m.scans_text() {
+            out.append(&mut self.pending);
+            return;
+        }
+        // With a carried match start, scan it together with what came
+        // after it, to see whether the match goes on.
+        let carry = self.carry.take();
+        let joined;
+        let (text, ctx): (&[u8], usize) = match &carry {
+            Some(c) => {
+                joined = [c.as_slice(), &self.pending].concat();
+                (&joined, c.len())
+            }
+            None => (&self.pending, 0),
+        };
+        self.m.collect(text);
+        let mut found: Vec<Found> = std::mem::take(&mut self.m.found);
+        let mut from = ctx;
+        if ctx > 0 {
+            if let Some(f) = found.first().copied().filter(|f| f.start == 0 && f.end > ctx) {
+                found.remove(0);
+                if f.end == text.len() && !last {
+                    // Still going: swallow everything and keep watching.
+                    self.pending.clear();
+                    self.carry = carry;
+                    self.m.found = found;
+                    return;
+                }
+                from = f.end;
+            }
+        }
+        let len = text.len();
+        let mut cut = if last { len } else { len.saturating_sub(self.window).max(from) };
+        let mut carry_next = None;
+        if let Some(f) = found.iter().find(|f| f.end > cut).copied() {
+            if f.context < cut {
+                cut = f.context.max(from);
+            }
+            if cut.saturating_sub(from) == 0 && len - from > self.max_hold {
+                // One match holds back too much: let it out masked as far
+                // as it has come.
+                cut = f.end;
+                if f.end == len {
+                    carry_next = Some(text[f.context..len.min(f.start + CONTEXT)].to_vec());
+                }
+            }
+        }
+        let emitted: Vec<Found> = found.iter().copied().filter(|f| f.start >= from && f.end <= cut).collect();
+        self.m.render(text, &emitted, from, cut, out);
+        let consumed = cut - ctx;
+        self.pending.drain(..consumed.min(self.pending.len()));
+        self.carry = carry_next;
+        found.clear();
+        self.m.found = found;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::masker;
+    use super::*;
+
+    /// Feeds `text` in chunks of `size` and returns everything let out.
+    fn through(s: &mut StreamMasker, text: &[u8], size: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in text.chunks(size) {
+            s.push(c, &mut out);
+        }
+        s.finish(&mut out);
+        out
+    }
+
+    #[test]
+    fn a_secret_split_across_chunks_is_caught_at_any_split() {
+        let m = masker(&["detector:token", "detector:email"], &[], &["Inj3cted-Secret"]);
+        let filler = "lorem ipsum dolor sit amet, ".repeat(30);
+        let text = format!(
+            "{filler}Authorization: Bearer abcdefghijklmnopqrstuvwxyz012345 {filler}mail carol@example.com {filler}Inj3cted-Secret."
+        );
+        let want = format!("{filler}Authorization: Bearer <token> {filler}mail <email> {filler}<credential>.");
+        for size in [1, 2, 3, 7, 64, 100, 999, 5000] {
+            let mut s = m.stream(MIN_WINDOW);
+            let got = through(&mut s, text.as_bytes(), size);
+            assert_eq!(String::from_utf8(got).unwrap(), want, "chunk size {size}");
+        }
+    }
+
+    #[test]
+    fn output_keeps_up_with_input() {
+        let m = masker(&["detector:email"], &[], &[]);
+        let mut s = m.stream(MIN_WINDOW);
+        let mut out = Vec::new();
+        let chunk = vec![b'x'; 1000];
+        for _ in 0..10 {
+            s.push(&chunk, &mut out);
+        }
+        assert!(s.held() < 2 * MIN_WINDOW + 1000, "held {}", s.held());
+        assert_eq!(out.len() + s.held(), 10_000);
+        s.finish(&mut out);
+        assert_eq!(out, vec![b'x'; 10_000]);
+    }
+
+    #[test]
+    fn a_private_key_longer_than_the_window_is_held_whole() {
+        let m = masker(&["detector:private-key"], &[], &[]);
+        let body = "MIIEpAIBAAKCAQEA0Z3VS5JJcds3xfn/ygWyF8PbnGy0AHB7MhgwMbRvI0MBZhpF\n".repeat(40);
+        let pem = format!("-----BEGIN RSA PRIVATE KEY-----\n{body}-----END RSA PRIVATE KEY-----");
+        let text = format!("before\n{pem}\nafter");
+        for size in [10, 256, 4096] {
+            let mut s = m.stream(MIN_WINDOW);
+            let got = through(&mut s, text.as_bytes(), size);
+            assert_eq!(String::from_utf8(got).unwrap(), "before\n<private-key>\nafter", "chunk size {size}");
+        }
+    }
+
+    #[test]
+    fn a_match_past_the_hold_bound_is_let_out_masked_and_its_rest_swallowed() {
+        let m = masker(&["detector:private-key"], &[], &[]);
+        let body = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2\n".repeat(200);
+        let text = format!("x\n-----BEGIN PRIVATE KEY-----\n{body}-----END PRIVATE KEY-----\ny");
+        let mut s = m.stream(MIN_WINDOW).with_max_hold(1024);
+        let got = String::from_utf8(through(&mut s, text.as_bytes(), 300)).unwrap();
+        assert!(got.starts_with("x\n<private-key>"), "{got}");
+        assert!(got.ends_with("\ny"), "{got}");
+        assert!(!got.contains("QUJD"), "{got}");
+    }
+
+    #[test]
+    fn nothing_to_mask_passes_through() {
+        let m = masker(&[], &[], &[]);
+        let mut s = m.stream(64);
+        assert_eq!(through(&mut s, b"anything at all a@b.io", 3), b"anything at all a@b.io");
+    }
+}
