@@ -1,6 +1,7 @@
 //! Protocol modules: each terminates the caller's side, opens the upstream
 //! side, and decides request by request. `tcp` is opaque: one decision per
 //! connection.
+pub mod postgres;
 pub mod tcp;
 
 use std::{io, net::SocketAddr, sync::Arc};

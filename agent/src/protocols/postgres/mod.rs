@@ -1,0 +1,3 @@
+//! PostgreSQL: the wire protocol on both sides, each statement classified
+//! and decided.
+pub mod classify;
