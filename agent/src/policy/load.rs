@@ -127,6 +127,10 @@ struct RawRule {
     #[serde(default)]
     mask: Vec<Spanned<String>>,
     approval_timeout: Option<Spanned<String>>,
+    allow_tables: Option<Spanned<Vec<Spanned<String>>>>,
+    deny_tables: Option<Spanned<Vec<Spanned<String>>>>,
+    allow_functions: Option<Spanned<Vec<Spanned<String>>>>,
+    deny_functions: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -492,6 +496,28 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
             }),
         };
         let [allow, approve, deny] = lists;
+        let mut names = |key: &str, list: Option<Spanned<Vec<Spanned<String>>>>| -> Vec<NamePattern> {
+            let Some(list) = list else { return Vec::new() };
+            if target.protocol != Protocol::Postgres {
+                errs.at_span(
+                    &list,
+                    format!("`{key}` applies to postgres targets only (`{}` is {})", target.name, target.protocol),
+                );
+                return Vec::new();
+            }
+            let mut out = Vec::new();
+            for p in list.into_inner() {
+                match NamePattern::parse(p.get_ref()) {
+                    Ok(n) => out.push(n),
+                    Err(e) => errs.at_span(&p, format!("bad name pattern `{}` in `{key}`: {e}", p.get_ref())),
+                }
+            }
+            out
+        };
+        let allow_tables = names("allow_tables", raw.allow_tables);
+        let deny_tables = names("deny_tables", raw.deny_tables);
+        let allow_functions = names("allow_functions", raw.allow_functions);
+        let deny_functions = names("deny_functions", raw.deny_functions);
         rules.push(Rule {
             target: target.name.clone(),
             index,
@@ -499,6 +525,10 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
             approve,
             deny,
             mask: raw.mask.into_iter().map(Spanned::into_inner).collect(),
+            allow_tables,
+            deny_tables,
+            allow_functions,
+            deny_functions,
             approval_timeout,
         });
     }
@@ -655,6 +685,56 @@ approval_timeout = "soon"
     fn secrets_take_exactly_one_source() {
         let src = "version = 1\n[[targets]]\nname = \"c\"\nprotocol = \"postgres\"\nmatch = [\"127.0.0.1:1\"]\n[targets.credentials]\nuser = \"u\"\npassword = { file = \"/a\", env = \"B\" }\n";
         assert!(has(&errors(src), 8, "exactly one of"));
+    }
+
+    #[test]
+    fn name_patterns_are_checked_and_located() {
+        let src = r#"version = 1
+[[targets]]
+name = "db"
+protocol = "postgres"
+match = ["127.0.0.1:5432"]
+[[targets]]
+name = "c"
+protocol = "tcp"
+match = ["127.0.0.1:1"]
+[[roles]]
+name = "r"
+[[roles.rules]]
+target = "db"
+deny_tables = ["public.secrets", "a.b.c"]
+allow_functions = ["\"unterminated"]
+deny_functions = ["bad name"]
+[[roles.rules]]
+target = "c"
+allow_tables = ["x"]
+"#;
+        let errs = errors(src);
+        assert!(has(&errs, 14, "bad name pattern `a.b.c` in `deny_tables`"), "{errs:?}");
+        assert!(has(&errs, 15, "unterminated"), "{errs:?}");
+        assert!(has(&errs, 16, "unexpected character ` `"), "{errs:?}");
+        assert!(has(&errs, 19, "applies to postgres targets only"), "{errs:?}");
+        let e = errs.iter().find(|e| e.line == 14).unwrap();
+        assert_eq!(e.column, 34, "column points at the bad pattern");
+    }
+
+    #[test]
+    fn name_patterns_fold_like_sql() {
+        let p = NamePattern::parse("Public.Secrets").unwrap();
+        assert!(p.matches("public.secrets"));
+        assert!(!p.matches("public.Secrets"));
+        let p = NamePattern::parse("public.\"Secrets\"").unwrap();
+        assert!(p.matches("public.Secrets"));
+        assert!(!p.matches("public.secrets"));
+        let p = NamePattern::parse("secrets").unwrap();
+        assert!(p.matches("other.secrets"), "no schema: any schema");
+        let p = NamePattern::parse("app_*.*_log").unwrap();
+        assert!(p.matches("app_eu.audit_log"));
+        assert!(!p.matches("app_eu.audit_logs"));
+        assert!(!p.matches("public.audit_log"));
+        assert!(NamePattern::parse("*").unwrap().matches("pg_catalog.pg_authid"));
+        assert!(NamePattern::parse("").is_err());
+        assert!(NamePattern::parse("a.").is_err());
     }
 
     #[test]

@@ -4,7 +4,9 @@ pub mod decide;
 pub mod load;
 pub mod model;
 
-pub use decide::{binding_for, decide_classes, decide_session, role_for, Decision, Subject, Verdict};
+pub use decide::{
+    binding_for, decide_classes, decide_session, decide_sql, role_for, Decision, SqlRequest, Subject, Verdict,
+};
 pub use load::{load_file, parse, PolicyError, PolicyErrors};
 pub use model::*;
 
