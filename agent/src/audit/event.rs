@@ -62,6 +62,19 @@ pub enum RequestInfo {
     Tcp {
         classes: Vec<String>,
     },
+    /// One PostgreSQL statement (or FunctionCall message).
+    Postgres {
+        /// The statement's SQL text (for a FunctionCall: the function's oid).
+        sql: String,
+        /// What it is: SELECT, INSERT, CREATE TABLE, FunctionCall...
+        kind: String,
+        /// Every class it carries, its functions' included.
+        classes: Vec<String>,
+        /// Tables it touches, `schema.name`.
+        tables: Vec<String>,
+        /// Functions it calls, `schema.name`.
+        functions: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

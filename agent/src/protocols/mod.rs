@@ -45,6 +45,7 @@ impl Outcome {
 pub async fn serve(session: &Session, client: TcpStream, admission: Decision) -> Outcome {
     match session.target.protocol {
         Protocol::Tcp => tcp::serve(session, client, admission).await,
+        Protocol::Postgres => postgres::serve(session, client, admission).await,
         other => {
             // Fail closed for a protocol this build cannot decode.
             drop(client);

@@ -449,9 +449,8 @@ fn set_classes(set: &Set, info: &mut StatementInfo) {
     let literal = |e: &Expr| -> Option<String> {
         match e {
             Expr::Value(v) => match &v.value {
-                Value::SingleQuotedString(s) | Value::DollarQuotedString(sqlparser::ast::DollarQuotedString { value: s, .. }) => {
-                    Some(s.clone())
-                }
+                Value::SingleQuotedString(s)
+                | Value::DollarQuotedString(sqlparser::ast::DollarQuotedString { value: s, .. }) => Some(s.clone()),
                 _ => None,
             },
             Expr::Identifier(i) => Some(i.value.clone()),
@@ -1222,7 +1221,9 @@ mod tests {
     fn the_worst_nested_thing_counts() {
         assert!(classes("WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x").contains(&"write"));
         assert!(classes("WITH x AS (INSERT INTO t VALUES (1) RETURNING a) SELECT 1").contains(&"write"));
-        assert!(classes("SELECT * FROM (WITH y AS (UPDATE t SET a=1 RETURNING a) SELECT * FROM y) z").contains(&"write"));
+        assert!(
+            classes("SELECT * FROM (WITH y AS (UPDATE t SET a=1 RETURNING a) SELECT * FROM y) z").contains(&"write")
+        );
         assert!(classes("EXPLAIN ANALYZE DELETE FROM t").contains(&"write"));
         assert_eq!(classes("EXPLAIN DELETE FROM t"), ["read"], "plain EXPLAIN runs nothing");
         assert!(classes("SELECT * INTO newt FROM t").contains(&"ddl"));
