@@ -96,7 +96,15 @@ impl PgServer {
             cmd.uid(uid).gid(gid).env("HOME", dir.path()).env("LC_ALL", "C.UTF-8");
         };
         let mut initdb = std::process::Command::new(format!("{PG_BIN}/initdb"));
-        initdb.arg("-D").arg(&data).args(["-U", "postgres", "-E", "UTF8", "--no-sync", "--locale=C.UTF-8", "--auth-local=trust"]);
+        initdb.arg("-D").arg(&data).args([
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C.UTF-8",
+            "--auth-local=trust",
+        ]);
         as_pg(&mut initdb);
         let out = initdb.output().expect("run initdb");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -145,7 +153,20 @@ impl PgServer {
         let out = std::process::Command::new("psql")
             .arg("-h")
             .arg(self.dir.path())
-            .args(["-p", &self.port().to_string(), "-U", "postgres", "-d", db, "-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .args([
+                "-p",
+                &self.port().to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-X",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
             .output()
             .expect("run psql");
         assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));

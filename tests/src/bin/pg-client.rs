@@ -79,7 +79,10 @@ async fn cancel(client: &Client) {
     });
     let r = client.query("SELECT pg_sleep(30)", &[]).await;
     let c = canceller.await.unwrap();
-    println!("{}", json!({"cancel_sent": c.is_ok(), "cancel_error": c.err(), "result": result_json("SELECT pg_sleep(30)", r)}));
+    println!(
+        "{}",
+        json!({"cancel_sent": c.is_ok(), "cancel_error": c.err(), "result": result_json("SELECT pg_sleep(30)", r)})
+    );
 }
 
 fn error_json(e: &tokio_postgres::Error) -> Value {

@@ -86,15 +86,23 @@ pub async fn serve(session: &Session, client: TcpStream, admission: Decision) ->
         Ok(p) => p,
         Err(e) => {
             warn!(session = %session.id, target = %target.name, error = %e, "cannot read the target's password");
-            fatal(&mut reader, "28000", &format!("portcullis: the credentials of target {} are unavailable", target.name))
-                .await;
+            fatal(
+                &mut reader,
+                "28000",
+                &format!("portcullis: the credentials of target {} are unavailable", target.name),
+            )
+            .await;
             return Outcome::reason(format!("credentials unavailable: {e}"));
         }
     };
     if target.tls.upstream {
         // Fail closed until upstream TLS is wired in.
-        fatal(&mut reader, "08006", &format!("portcullis: TLS to the upstream of target {} is not available", target.name))
-            .await;
+        fatal(
+            &mut reader,
+            "08006",
+            &format!("portcullis: TLS to the upstream of target {} is not available", target.name),
+        )
+        .await;
         return Outcome::reason("upstream TLS not available");
     }
 
@@ -103,7 +111,8 @@ pub async fn serve(session: &Session, client: TcpStream, admission: Decision) ->
         Err(e) => {
             Stats::inc(&session.enforcer.stats.upstream_failures);
             warn!(session = %session.id, target = %target.name, error = %e, "upstream connect failed");
-            fatal(&mut reader, "08006", &format!("portcullis: cannot reach the upstream of target {}", target.name)).await;
+            fatal(&mut reader, "08006", &format!("portcullis: cannot reach the upstream of target {}", target.name))
+                .await;
             return Outcome::reason(format!("upstream connect failed: {e}"));
         }
     };
@@ -204,11 +213,13 @@ async fn negotiate(
             }
             v if v >> 16 == 3 => {
                 let all = wire::startup_params(body).map_err(|e| Outcome::reason(e.to_string()))?;
-                let unsupported_options = all.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
+                let unsupported_options =
+                    all.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
                 return Ok(Some(Startup { params: all, minor: v & 0xffff, unsupported_options }));
             }
             other => {
-                fatal(reader, "0A000", &format!("unsupported frontend protocol {}.{}", other >> 16, other & 0xffff)).await;
+                fatal(reader, "0A000", &format!("unsupported frontend protocol {}.{}", other >> 16, other & 0xffff))
+                    .await;
                 return Err(Outcome::reason("unsupported protocol version"));
             }
         }

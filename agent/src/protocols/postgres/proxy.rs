@@ -176,7 +176,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 let kind = *body.first().ok_or(WireError::Malformed("describe"))?;
                 body = &body[1..];
                 let name = String::from_utf8_lossy(cstr(&mut body)?).into_owned();
-                self.expect(if kind == b'S' { Pending::DescribeStatement(name) } else { Pending::DescribePortal(name) });
+                self.expect(if kind == b'S' {
+                    Pending::DescribeStatement(name)
+                } else {
+                    Pending::DescribePortal(name)
+                });
                 self.to.push(&frame.raw);
                 Ok(())
             }
@@ -244,7 +248,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
         } else {
             let classes: Vec<&str> = info.classes.iter().copied().collect();
             let tables: Vec<&str> = info.tables.iter().map(String::as_str).collect();
-            let functions: Vec<(&str, Option<&str>)> = info.functions.iter().map(|f| (f.name.as_str(), f.class)).collect();
+            let functions: Vec<(&str, Option<&str>)> =
+                info.functions.iter().map(|f| (f.name.as_str(), f.class)).collect();
             let req = SqlRequest { classes, tables, functions };
             decide_sql(policy, self.session.role.as_deref(), &self.session.target, &req)
         };

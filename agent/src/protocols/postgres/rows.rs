@@ -39,17 +39,28 @@ pub enum Pending {
     /// FunctionCall: FunctionCallResponse or an error, then ReadyForQuery.
     FunctionCall,
     Parse,
-    Bind { portal: String, statement: String, formats: Vec<i16> },
+    Bind {
+        portal: String,
+        statement: String,
+        formats: Vec<i16>,
+    },
     DescribeStatement(String),
     DescribePortal(String),
     Execute(String),
-    Close { portal: bool, name: String },
+    Close {
+        portal: bool,
+        name: String,
+    },
     Sync,
     /// A denial stands in for a request: the upstream's error for it is
     /// replaced by `error` (a complete ErrorResponse). `simple` says whether
     /// it stands in a simple-protocol exchange (ended by ReadyForQuery) or
     /// in an extended-protocol one.
-    Denial { id: u64, simple: bool, error: Bytes },
+    Denial {
+        id: u64,
+        simple: bool,
+        error: Bytes,
+    },
 }
 
 impl Pending {

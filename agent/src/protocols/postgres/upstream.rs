@@ -124,8 +124,12 @@ pub async fn start<S: AsyncRead + AsyncWrite + Unpin>(
                         // without it SCRAM still proves both sides know the
                         // password, and TLS (when on) is verified separately.
                         let s = ScramSha256::new(pw.expose().as_bytes(), ChannelBinding::unsupported());
-                        postgres_protocol::message::frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)
-                            .map_err(WireError::from)?;
+                        postgres_protocol::message::frontend::sasl_initial_response(
+                            SCRAM_SHA_256,
+                            s.message(),
+                            &mut out,
+                        )
+                        .map_err(WireError::from)?;
                         scram = Some(s);
                     }
                     11 => {

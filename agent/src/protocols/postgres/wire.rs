@@ -115,7 +115,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
             }
             if !self.fill().await? {
-                return if self.buf.is_empty() { Ok(None) } else { Err(WireError::Malformed("truncated startup packet")) };
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(WireError::Malformed("truncated startup packet"))
+                };
             }
         }
     }
