@@ -13,7 +13,13 @@
 //! answers in a pipeline is kept without portcullis having to count them.
 //! The response side swaps the marked error for the denial (SQLSTATE 42501,
 //! naming the rule); the marker never reaches the caller.
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
 
 use bytes::{Bytes, BytesMut};
 use tokio::{
@@ -64,6 +70,7 @@ where
     let (ur, uw) = tokio::io::split(u_stream);
     let (tx, rx) = mpsc::unbounded_channel();
     let nonce = SessionId::random().0;
+    let txn = Arc::new(AtomicU64::new(0));
     let mut front = Front {
         session,
         from: FrameReader::with_buffer(cr, c_buf),
@@ -75,6 +82,9 @@ where
         portals: HashMap::new(),
         cache: HashMap::new(),
         bytes: 0,
+        cycles: 0,
+        txn: txn.clone(),
+        deferred: false,
     };
     let mut back = Back {
         from: FrameReader::with_buffer(ur, u_buf),
@@ -83,6 +93,8 @@ where
         tracker: Tracker::default(),
         marker: marker_prefix(nonce),
         bytes: 0,
+        txn,
+        ready: 0,
     };
     let reason = tokio::select! {
         r = front.run() => match r {
@@ -127,6 +139,13 @@ struct Front<'s, R, W> {
     portals: HashMap<String, String>,
     cache: HashMap<Box<str>, Classified>,
     bytes: u64,
+    /// Exchanges sent that end with ReadyForQuery.
+    cycles: u64,
+    /// ReadyForQuery count and last status, from the response side.
+    txn: Arc<AtomicU64>,
+    /// Authorisations queued (not yet known to be on disk) inside the
+    /// current transaction block.
+    deferred: bool,
 }
 
 /// One statement's decision, before it is recorded.
@@ -154,10 +173,21 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
         }
     }
 
-    fn expect(&self, p: Pending) {
+    fn expect(&mut self, p: Pending) {
+        if matches!(p, Pending::Query | Pending::Sync | Pending::FunctionCall | Pending::Denial { simple: true, .. }) {
+            self.cycles += 1;
+        }
         // The response side outlives every send; a failure means it ended,
         // and so will this side at its next read.
         let _ = self.events.send(p);
+    }
+
+    /// Whether the session is inside a transaction block, as of the last
+    /// ReadyForQuery, with every exchange sent so far answered (otherwise
+    /// the state is unknown and taken as "not in a block").
+    fn in_block(&self) -> bool {
+        let s = self.txn.load(Ordering::Acquire);
+        s >> 8 == self.cycles && (s & 0xff) as u8 == b'T'
     }
 
     async fn handle(&mut self, frame: Frame) -> Result<(), ProxyError> {
@@ -478,14 +508,28 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
     }
 
     /// Records each statement with its decision. The authorisation of a
-    /// statement that may change state is on disk before it is forwarded.
-    async fn record_all(&self, decided: &[Decided], original: Option<&str>) -> Result<(), ProxyError> {
-        let changes_state = |d: &Decided| {
-            d.decision.verdict == Verdict::Allow
-                && d.info.all_classes().iter().any(|c| ![class::READ, class::SESSION, class::TRANSACTION].contains(c))
-        };
+    /// statement that may change state is on disk before it is forwarded;
+    /// inside a transaction block, where a statement whose effects are
+    /// transactional takes effect only at COMMIT, it is on disk before the
+    /// COMMIT is forwarded instead.
+    async fn record_all(&mut self, decided: &[Decided], original: Option<&str>) -> Result<(), ProxyError> {
+        let in_block = self.in_block();
+        let mut durable = false;
+        for d in decided.iter().filter(|d| d.decision.verdict == Verdict::Allow) {
+            let all = d.info.all_classes();
+            if all.contains(class::TRANSACTION) && self.deferred {
+                durable = true;
+            }
+            if !changes_state(&all) {
+                continue;
+            }
+            if in_block && transactional(&d.info) {
+                self.deferred = true;
+            } else {
+                durable = true;
+            }
+        }
         // Records are written in order: the last one on disk means all are.
-        let durable = decided.iter().any(changes_state);
         for (i, d) in decided.iter().enumerate() {
             let sql = match original {
                 Some(o) if decided.len() == 1 => o.to_string(),
@@ -504,6 +548,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 decision: DecisionInfo::from(&d.decision),
             };
             if durable && i + 1 == decided.len() {
+                self.deferred = false;
                 return self.durable(event).await;
             }
             self.session.enforcer.audit.record(event);
@@ -533,6 +578,23 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
     }
 }
 
+/// Whether a statement of these classes may change state (anything beyond
+/// reading, session settings and transaction control).
+fn changes_state(classes: &std::collections::BTreeSet<&'static str>) -> bool {
+    classes.iter().any(|c| ![class::READ, class::SESSION, class::TRANSACTION].contains(c))
+}
+
+/// Whether all of a statement's effects wait for COMMIT: its own classes
+/// are transactional in PostgreSQL, and it calls no function with an effect
+/// of its own (`nextval`, server functions and unknown functions act at
+/// once).
+fn transactional(info: &StatementInfo) -> bool {
+    const TRANSACTIONAL: [&str; 7] =
+        [class::READ, class::WRITE, class::DDL, class::DCL, class::COPY_IN, class::SESSION, class::TRANSACTION];
+    info.classes.iter().all(|c| TRANSACTIONAL.contains(c))
+        && info.functions.iter().all(|f| f.class.is_none() || f.class == Some(class::SESSION))
+}
+
 /// The one place a request waits on its decision. Approval holds are not
 /// available yet: a request that needs approval is denied, and says so.
 fn settle(d: Decision) -> Decision {
@@ -553,6 +615,8 @@ struct Back<R, W> {
     tracker: Tracker,
     marker: String,
     bytes: u64,
+    txn: Arc<AtomicU64>,
+    ready: u64,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Back<R, W> {
@@ -573,6 +637,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Back<R, W> {
                     _ => {
                         self.drain_events();
                         self.tracker.observe(&frame)?;
+                        if frame.tag == b'Z' {
+                            self.ready += 1;
+                            let status = frame.body().first().copied().unwrap_or(b'I');
+                            self.txn.store(self.ready << 8 | status as u64, Ordering::Release);
+                        }
                         self.to.push(&frame.raw);
                     }
                 }
