@@ -47,7 +47,7 @@ enum Task {
     },
     /// Benchmarks: direct vs through portcullis (and a reference tool).
     Bench {
-        /// Which: tcp (more join as they land).
+        /// Which: postgres, or all.
         #[arg(default_value = "all")]
         which: String,
     },

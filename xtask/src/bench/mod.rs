@@ -3,8 +3,10 @@
 //! ratios to direct.
 use anyhow::{bail, Result};
 
+mod postgres;
+
 pub fn run(which: &str) -> Result<()> {
-    const ALL: &[&str] = &[];
+    const ALL: &[&str] = &["postgres"];
     match which {
         "all" => {
             for b in ALL {
@@ -12,6 +14,7 @@ pub fn run(which: &str) -> Result<()> {
             }
             Ok(())
         }
+        "postgres" => postgres::run(),
         other => bail!("unknown benchmark `{other}` (available: {})", ALL.join(", ")),
     }
 }
