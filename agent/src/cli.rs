@@ -50,6 +50,22 @@ pub enum Command {
     /// Validate a policy or explain a decision.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// The local certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Requests held for a human's approval.
+    #[command(subcommand)]
+    Approvals(ApprovalsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Print the local CA certificate (PEM) for a trust store; creates the CA
+    /// if portcullis has not yet.
+    Export {
+        #[arg(long, env = "PORTCULLIS_STATE_DIR", default_value = config::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +88,48 @@ pub struct RunArgs {
     /// SO_MARK of the enforcer's own upstream sockets.
     #[arg(long, env = "PORTCULLIS_MARK", default_value_t = config::DEFAULT_MARK)]
     pub mark: u32,
+    /// Group (name or gid) whose members may use the control socket (e.g.
+    /// approvers); default: root only.
+    #[arg(long, env = "PORTCULLIS_CONTROL_GROUP")]
+    pub control_group: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCommand {
+    /// Requests waiting for an answer.
+    List {
+        /// Keep printing requests as they are held and resolved.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One waiting request.
+    Show {
+        id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let a held request run.
+    Approve {
+        id: u64,
+        /// Only this request (the default).
+        #[arg(long, conflicts_with_all = ["session", "for_"])]
+        once: bool,
+        /// Also the same request shape for the rest of its session.
+        #[arg(long, conflicts_with = "for_")]
+        session: bool,
+        /// Also the same request shape (same target and role) for this long
+        /// (e.g. 30m).
+        #[arg(long = "for", value_name = "DURATION")]
+        for_: Option<String>,
+    },
+    /// Refuse a held request.
+    Deny {
+        id: u64,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -131,6 +189,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 pin_dir: a.pin_dir,
                 state_dir: a.state_dir,
                 control_socket: cli.control_socket,
+                control_group: match &a.control_group {
+                    None => None,
+                    Some(g) => Some(lookup_group(g)?),
+                },
                 bpf_object: a.bpf_object,
                 mark: a.mark,
             };
@@ -177,6 +239,12 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(if failed { 2 } else { 0 })
         }
         Command::Policy(PolicyCommand::Explain(a)) => explain(a).await,
+        Command::Approvals(a) => approvals(&cli.control_socket, a).await,
+        Command::Ca(CaCommand::Export { state_dir }) => {
+            let ca = crate::tls::LocalCa::load_or_create(&state_dir)?;
+            print!("{}", ca.cert_pem());
+            Ok(0)
+        }
     }
 }
 
@@ -238,19 +306,99 @@ async fn exec(socket: &Path, a: ExecArgs) -> anyhow::Result<i32> {
     cmd.args(&a.command[1..]);
     if let Some(user) = &a.user {
         let (uid, gid) = lookup_user(user)?;
+        // std drops supplementary groups (setgroups) when it changes uid.
         cmd.uid(uid).gid(gid);
-        // Drop supplementary groups too.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setgroups(1, &gid) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
     }
     let err = cmd.exec();
     anyhow::bail!("cannot run {:?}: {err}", a.command[0])
+}
+
+async fn approvals(socket: &Path, cmd: ApprovalsCommand) -> anyhow::Result<i32> {
+    use crate::approvals::{parse_duration, GrantScope};
+    match cmd {
+        ApprovalsCommand::List { watch: false, json } => {
+            let v = control::call(socket, &Request::ApprovalsList).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let list = v.as_array().cloned().unwrap_or_default();
+                if list.is_empty() {
+                    println!("no requests waiting");
+                }
+                for p in list {
+                    print_pending(&p);
+                }
+            }
+        }
+        ApprovalsCommand::List { watch: true, json } => {
+            let (mut lines, _w) = control::stream(socket, &Request::ApprovalsWatch).await?;
+            let current = control::next_answer(socket, &mut lines).await?;
+            for p in current.as_array().cloned().unwrap_or_default() {
+                if json {
+                    println!("{}", serde_json::json!({"event": "held", "request": p}));
+                } else {
+                    print_pending(&p);
+                }
+            }
+            loop {
+                let ev = control::next_answer(socket, &mut lines).await?;
+                if json {
+                    println!("{ev}");
+                } else if ev["event"] == "held" {
+                    print_pending(&ev);
+                } else {
+                    println!("{} resolved: {}", ev["id"], ev["outcome"]["outcome"].as_str().unwrap_or("?"));
+                }
+            }
+        }
+        ApprovalsCommand::Show { id, json } => {
+            let v = control::call(socket, &Request::ApprovalsShow { id }).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_pending(&v);
+                println!("  caller:  {}", v["caller"]);
+            }
+        }
+        ApprovalsCommand::Approve { id, once: _, session, for_ } => {
+            let scope = match (session, for_) {
+                (true, _) => GrantScope::Session,
+                (false, Some(d)) => GrantScope::For(
+                    parse_duration(&d)
+                        .ok_or_else(|| anyhow::anyhow!("--for takes a duration like 30s, 15m or 2h"))?
+                        .as_secs(),
+                ),
+                (false, None) => GrantScope::Once,
+            };
+            control::call(socket, &Request::ApprovalsApprove { id, scope }).await?;
+            println!("approved {id}");
+        }
+        ApprovalsCommand::Deny { id, reason } => {
+            control::call(socket, &Request::ApprovalsDeny { id, reason }).await?;
+            println!("denied {id}");
+        }
+    }
+    Ok(0)
+}
+
+fn print_pending(p: &Value) {
+    println!(
+        "{}  {} → {} [{}] role {}  {}",
+        p["id"],
+        p["caller"]["comm"].as_str().unwrap_or("?"),
+        p["target"].as_str().unwrap_or("?"),
+        p["rule"].as_str().unwrap_or("?"),
+        p["role"].as_str().unwrap_or("-"),
+        p["request"].as_str().unwrap_or("")
+    );
+}
+
+fn lookup_group(group: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let g = nix::unistd::Group::from_name(group)?.ok_or_else(|| anyhow::anyhow!("no group `{group}`"))?;
+    Ok(g.gid.as_raw())
 }
 
 fn lookup_user(user: &str) -> anyhow::Result<(u32, u32)> {

@@ -15,6 +15,8 @@ pub struct RunConfig {
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
     pub control_socket: PathBuf,
+    /// Group (gid) allowed to use the control socket besides root.
+    pub control_group: Option<u32>,
     pub bpf_object: Option<PathBuf>,
     pub mark: u32,
 }

@@ -16,6 +16,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    approvals::{notify::Notifier, Approvals},
     audit::{Audit, Event},
     config::{embedded_object, RunConfig},
     control::{self, StatusSource},
@@ -28,6 +29,7 @@ use crate::{
         probes::{ApplyReport, Probes},
     },
     policy::{self, Policy, ScopeLocation},
+    tls::LocalCa,
 };
 
 struct Daemon {
@@ -40,6 +42,7 @@ struct Daemon {
 }
 
 pub async fn run(config: RunConfig) -> Result<(), Error> {
+    raise_nofile_limit();
     let policy = match &config.policy {
         Some(p) => {
             let path = p.clone();
@@ -57,6 +60,13 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         path: "/proc/self/mountinfo".into(),
         source,
     })?;
+    // The state directory holds the audit log and the CA key: root only.
+    std::fs::create_dir_all(&config.state_dir)
+        .and_then(|_| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
+        })
+        .map_err(|source| Error::Io { what: "state directory", path: config.state_dir.clone(), source })?;
     let audit = Audit::open(&config.state_dir.join("audit"))?;
 
     // Listen before the probes point at us, so no redirected connect meets
@@ -83,6 +93,7 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     for s in &report.attached {
         info!(scope = %s.scope, cgroup = %s.cgroup, cgroup_id = s.cgroup_id, "guarding");
     }
+    warn_privileged(&mount, &report);
 
     let resolver = CgroupResolver::new(mount.clone());
     for s in &report.attached {
@@ -91,7 +102,9 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     let settings = Settings { listen_port: port, mark: config.mark };
     audit.record(Event::AgentStart { version: env!("CARGO_PKG_VERSION").into(), listen_port: port });
     audit.record(Event::PolicyLoaded { source: source_name(&policy), digest: policy.digest.clone() });
-    let enforcer = Arc::new(Enforcer::new(policy, audit.clone(), resolver, conns, settings));
+    let ca = Arc::new(LocalCa::load_or_create(&config.state_dir).map_err(|e| Error::Other(format!("local CA: {e}")))?);
+    let approvals = Arc::new(Approvals::new(audit.clone(), notifier_for(&policy)));
+    let enforcer = Arc::new(Enforcer::new(policy, audit.clone(), resolver, conns, settings, ca, approvals));
 
     let daemon = Arc::new(Daemon {
         enforcer: enforcer.clone(),
@@ -102,7 +115,7 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         started_ms: crate::audit::now_ms(),
     });
 
-    let control = control::bind(&config.control_socket)?;
+    let control = control::bind(&config.control_socket, config.control_group)?;
     tokio::spawn(control::serve(control, enforcer.clone(), daemon.clone() as Arc<dyn StatusSource>));
     tokio::spawn(events::run(ring, enforcer.clone()));
     tokio::spawn(intercept::serve(v4, enforcer.clone()));
@@ -125,12 +138,49 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     Ok(())
 }
 
+/// The guard assumes guarded processes lack CAP_SYS_ADMIN, CAP_NET_ADMIN
+/// and CAP_BPF (with them a process can leave its cgroup or remove the
+/// programs): say so loudly when one has them.
+fn warn_privileged(mount: &Path, report: &ApplyReport) {
+    for s in &report.attached {
+        for p in cgroup::privileged_processes(mount, &mount.join(&s.cgroup)) {
+            warn!(scope = %s.scope, pid = p.pid, comm = %p.comm, cgroup = %p.cgroup, caps = ?p.caps,
+                  "a guarded process holds capabilities that let it escape the guard; run it unprivileged");
+        }
+    }
+}
+
+/// Each guarded connection costs two descriptors (caller and upstream):
+/// lift the soft limit to the hard one.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+            }
+        }
+    }
+}
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
     let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
         .map_err(|source| Error::Io { what: "socket", path: addr.to_string().into(), source })?;
     sock.set_reuseaddr(true).map_err(|source| Error::Io { what: "socket", path: addr.to_string().into(), source })?;
     sock.bind(addr).map_err(|source| Error::Io { what: "cannot listen on", path: addr.to_string().into(), source })?;
     sock.listen(4096).map_err(|source| Error::Io { what: "cannot listen on", path: addr.to_string().into(), source })
+}
+
+/// The webhook of the policy's `[approvals]` section (validated at load).
+fn notifier_for(p: &Policy) -> Notifier {
+    match p.approvals.webhook.as_deref().map(Notifier::new) {
+        Some(Ok(n)) => n,
+        Some(Err(e)) => {
+            warn!(error = %e, "approval webhook disabled");
+            Notifier::disabled()
+        }
+        None => Notifier::disabled(),
+    }
 }
 
 fn source_name(p: &Policy) -> String {
@@ -210,6 +260,11 @@ async fn reload(daemon: &Arc<Daemon>, path: &Path) {
                 .record(Event::PolicyLoaded { source: path.display().to_string(), digest: new.digest.clone() });
             enforcer.set_policy(new);
             *daemon.report.lock().expect("report lock") = report;
+            warn_privileged(&daemon.mount, &daemon.report.lock().expect("report lock"));
+            let revoked = enforcer.revalidate();
+            if revoked > 0 {
+                info!(revoked, "open sessions the new policy no longer admits were closed");
+            }
         }
         Ok(Err(e)) => {
             Stats::inc(&enforcer.stats.reload_failures);
@@ -265,6 +320,14 @@ impl StatusSource for Daemon {
             "connections": self.enforcer.live_sessions(),
             "counters": self.enforcer.stats.snapshot(),
         })
+    }
+
+    fn guarded_cgroups(&self) -> Vec<u64> {
+        self.probes.lock().expect("probes lock").attached().keys().copied().collect()
+    }
+
+    fn cgroup_mount(&self) -> PathBuf {
+        self.mount.clone()
     }
 
     fn scope_cgroup(&self, name: &str) -> Option<PathBuf> {

@@ -9,12 +9,15 @@ use std::{
 };
 
 use serde::Serialize;
+use tokio::sync::oneshot;
 
 use crate::{
+    approvals::Approvals,
     audit::Audit,
     ids::{OrigDst, SessionId},
     intercept::{cgroup::CgroupResolver, probes::ConnTable},
     policy::Policy,
+    tls::LocalCa,
 };
 
 /// Settings fixed for the life of the process.
@@ -31,8 +34,18 @@ pub struct Enforcer {
     pub cgroups: CgroupResolver,
     pub conns: ConnTable,
     pub settings: Settings,
+    /// Mints the certificates presented to callers that speak TLS.
+    pub ca: Arc<LocalCa>,
+    /// Requests held for a human's approval.
+    pub approvals: Arc<Approvals>,
     pub stats: Stats,
-    live: Mutex<BTreeMap<SessionId, LiveSession>>,
+    live: Mutex<BTreeMap<SessionId, LiveEntry>>,
+}
+
+struct LiveEntry {
+    info: LiveSession,
+    /// Ends the session when a reload revokes it (taken once used).
+    revoke: Option<oneshot::Sender<String>>,
 }
 
 impl Enforcer {
@@ -42,6 +55,8 @@ impl Enforcer {
         cgroups: CgroupResolver,
         conns: ConnTable,
         settings: Settings,
+        ca: Arc<LocalCa>,
+        approvals: Arc<Approvals>,
     ) -> Enforcer {
         Enforcer {
             policy: RwLock::new(Arc::new(policy)),
@@ -49,6 +64,8 @@ impl Enforcer {
             cgroups,
             conns,
             settings,
+            ca,
+            approvals,
             stats: Stats::default(),
             live: Mutex::new(BTreeMap::new()),
         }
@@ -64,16 +81,42 @@ impl Enforcer {
         *self.policy.write().expect("policy lock") = Arc::new(p);
     }
 
-    pub fn session_opened(&self, s: LiveSession) {
-        self.live.lock().expect("live lock").insert(s.session, s);
+    /// Registers a session; the receiver fires if a policy change revokes
+    /// the session's right to exist (see `revalidate`).
+    pub fn session_opened(&self, s: LiveSession) -> oneshot::Receiver<String> {
+        let (tx, rx) = oneshot::channel();
+        self.live.lock().expect("live lock").insert(s.session, LiveEntry { info: s, revoke: Some(tx) });
+        rx
     }
 
     pub fn session_closed(&self, id: SessionId) {
         self.live.lock().expect("live lock").remove(&id);
+        self.approvals.session_closed(id);
     }
 
     pub fn live_sessions(&self) -> Vec<LiveSession> {
-        self.live.lock().expect("live lock").values().cloned().collect()
+        self.live.lock().expect("live lock").values().map(|e| e.info.clone()).collect()
+    }
+
+    /// Re-decides every open session under the policy now in force and
+    /// ends those it no longer admits: a connection opened before a policy
+    /// change cannot outlive the access it was opened with. Returns how
+    /// many were revoked.
+    pub fn revalidate(&self) -> usize {
+        let policy = self.policy();
+        let mut live = self.live.lock().expect("live lock");
+        let mut revoked = 0;
+        for e in live.values_mut() {
+            let s = &e.info;
+            let Some(reason) = crate::policy::revalidate(&policy, &s.subject, s.orig_dst.0, s.approved) else {
+                continue;
+            };
+            if let Some(tx) = e.revoke.take() {
+                let _ = tx.send(reason);
+                revoked += 1;
+            }
+        }
+        revoked
     }
 }
 
@@ -89,6 +132,12 @@ pub struct LiveSession {
     pub comm: String,
     pub unit: Option<String>,
     pub since_ms: u64,
+    #[serde(skip)]
+    pub subject: crate::policy::Subject,
+    /// The session was admitted by a human's approval (its rule says
+    /// `approve`), which a reload keeps as long as the rule still does.
+    #[serde(skip)]
+    pub approved: bool,
 }
 
 #[derive(Debug, Default)]

@@ -5,6 +5,7 @@
 //! programs and attribution), `protocols` (decoding each target's
 //! protocol), `policy` (the decision), `audit` (the record); plus `cli`,
 //! `config`, `control` (the local control socket) and `credentials`.
+pub mod approvals;
 pub mod audit;
 pub mod cli;
 pub mod config;
@@ -17,3 +18,4 @@ pub mod ids;
 pub mod intercept;
 pub mod policy;
 pub mod protocols;
+pub mod tls;

@@ -264,3 +264,52 @@ impl RawClient for Agent {
         serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)))
     }
 }
+
+#[test]
+fn a_connection_opened_before_a_policy_change_does_not_outlive_its_access() {
+    use std::io::{BufRead, BufReader, Write};
+    if !require_root() {
+        return;
+    }
+    let up = portcullis_tests::servers::LineEchoServer::start("127.0.0.1:0");
+    let p = format!(
+        "version = 1\n[[scopes]]\nname = \"ci\"\ncgroup = \"@CG@/ci\"\n[[targets]]\nname = \"svc\"\nprotocol = \"tcp\"\nmatch = [\"127.0.0.53:7003\"]\nupstream = \"{}\"\n[[roles]]\nname = \"r\"\n[[roles.rules]]\ntarget = \"svc\"\nallow = [\"connect\"]\n[[bindings]]\nscope = \"ci\"\nrole = \"r\"\n",
+        up.addr
+    );
+    let agent = Agent::start(&p);
+    let client = portcullis_tests::helper_bin("tcp-client");
+    let mut child = agent
+        .exec("ci", &[client.to_str().unwrap(), "interactive", "127.0.0.53:7003"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = || serde_json::from_str::<serde_json::Value>(&out.next().unwrap().unwrap()).unwrap();
+    assert_eq!(next()["connected"], true);
+    writeln!(stdin, "before").unwrap();
+    assert_eq!(next()["reply"], "echo:before");
+
+    // The role loses the target while the connection is open.
+    agent.replace_policy(&p.replace("allow = [\"connect\"]\n", "deny = [\"connect\"]\n")).unwrap();
+    let end = agent.wait_audit("revoked", |r| {
+        r["type"] == "session_end" && r["reason"].as_str().unwrap_or("").contains("revoked")
+    });
+    assert!(end["reason"].as_str().unwrap().contains("connect is in deny"), "{end}");
+    writeln!(stdin, "after").unwrap();
+    let r = next();
+    assert_eq!(r["closed"], true, "the old connection is cut: {r}");
+    assert_eq!(r["reply"], "");
+    drop(stdin);
+    let _ = child.wait();
+}
+
+#[test]
+fn a_deleted_policy_file_keeps_the_running_policy() {
+    let Some(f) = fixture() else { return };
+    std::fs::remove_file(&f.agent.policy_path).unwrap();
+    f.agent.wait_audit("rejected", |r| r["type"] == "policy_rejected");
+    let r = f.agent.tcp_client("ci", &["tcp", "127.0.0.53:7000", "still-here"]);
+    assert_eq!(r["reply"], "echo:still-here", "{r}");
+}

@@ -119,6 +119,40 @@ pub enum Event {
         peer: String,
         reason: String,
     },
+    /// A request held for approval.
+    ApprovalRequested {
+        id: u64,
+        session: SessionId,
+        target: String,
+        request: String,
+        rule: String,
+        expires_ms: u64,
+    },
+    /// A webhook notification attempt.
+    ApprovalNotified {
+        id: u64,
+        url: String,
+        attempt: u32,
+        ok: bool,
+        error: Option<String>,
+    },
+    /// How a held request ended: approved (by whom, how widely), denied (by
+    /// whom, why), timed out, or cancelled.
+    ApprovalDecided {
+        id: u64,
+        session: SessionId,
+        outcome: serde_json::Value,
+    },
+    /// An approve/deny from a process that may not answer (inside a guarded
+    /// scope, or unidentifiable).
+    ApprovalRefused {
+        id: u64,
+        uid: u32,
+        pid: u32,
+        exe: Option<String>,
+        cgroup: Option<String>,
+        reason: String,
+    },
     /// A connect the kernel refused (egress deny, non-TCP to a target, the
     /// enforcer's port directly).
     KernelRefusal {

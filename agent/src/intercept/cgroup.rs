@@ -139,6 +139,54 @@ fn find_unit_dir(mount: &Path, unit: &str) -> Option<String> {
     None
 }
 
+/// Capabilities that would let a guarded process undo its guard: leave the
+/// cgroup or detach the programs (CAP_SYS_ADMIN), change routing and marks
+/// (CAP_NET_ADMIN), load or remove BPF programs (CAP_BPF).
+pub const DANGEROUS_CAPS: [(u32, &str); 3] = [(21, "CAP_SYS_ADMIN"), (12, "CAP_NET_ADMIN"), (39, "CAP_BPF")];
+
+/// A process in a guarded cgroup holding dangerous capabilities.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PrivilegedProcess {
+    pub pid: u32,
+    pub comm: String,
+    pub cgroup: String,
+    pub caps: Vec<&'static str>,
+}
+
+/// Every process in the subtree at `dir` whose effective capabilities
+/// include one of `DANGEROUS_CAPS`.
+pub fn privileged_processes(mount: &Path, dir: &Path) -> Vec<PrivilegedProcess> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if let Ok(procs) = fs::read_to_string(d.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
+                let caps = dangerous_caps(&status);
+                if !caps.is_empty() {
+                    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
+                    let cgroup = d.strip_prefix(mount).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+                    out.push(PrivilegedProcess { pid, comm, cgroup, caps });
+                }
+            }
+        }
+        if let Ok(entries) = fs::read_dir(&d) {
+            stack.extend(entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+        }
+    }
+    out
+}
+
+/// The dangerous capabilities in a /proc/<pid>/status `CapEff` line.
+pub fn dangerous_caps(status: &str) -> Vec<&'static str> {
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    DANGEROUS_CAPS.iter().filter(|(bit, _)| eff & (1u64 << bit) != 0).map(|(_, name)| *name).collect()
+}
+
 /// Moves a process into a cgroup.
 pub fn enter(dir: &Path, pid: u32) -> io::Result<()> {
     fs::write(dir.join("cgroup.procs"), pid.to_string())
@@ -156,6 +204,16 @@ mod tests {
         let unified = "29 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(find_cgroup2_in_mountinfo(unified).unwrap(), PathBuf::from("/sys/fs/cgroup"));
         assert!(find_cgroup2_in_mountinfo("1 2 0:1 / / rw - ext4 /dev/vda rw\n").is_none());
+    }
+
+    #[test]
+    fn dangerous_capabilities_from_proc_status() {
+        let root = "Name:\tx\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(dangerous_caps(root), vec!["CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_BPF"]);
+        let user = "Name:\tx\nCapEff:\t0000000000000000\n";
+        assert!(dangerous_caps(user).is_empty());
+        let net = "CapEff:\t0000000000001000\n";
+        assert_eq!(dangerous_caps(net), vec!["CAP_NET_ADMIN"]);
     }
 
     #[test]

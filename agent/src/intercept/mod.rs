@@ -99,16 +99,6 @@ async fn handle(enforcer: Arc<Enforcer>, stream: TcpStream, peer: SocketAddr) {
     } else {
         (decide_session(&policy, role.as_deref(), &target), RequestInfo::Session)
     };
-    let decision = if decision.verdict == Verdict::Approve {
-        // An opaque connection cannot be held at this layer: fail closed.
-        Decision {
-            verdict: Verdict::Deny,
-            reason: format!("{} (approval is not available for a whole connection)", decision.reason),
-            ..decision
-        }
-    } else {
-        decision
-    };
     drop(policy);
 
     info!(session = %id, target = %target.name, protocol = %target.protocol, orig_dst = %orig_dst,
@@ -138,7 +128,9 @@ async fn handle(enforcer: Arc<Enforcer>, stream: TcpStream, peer: SocketAddr) {
             enforcer.audit.record(decision_event);
         }
     } else {
-        Stats::inc(&enforcer.stats.denied);
+        if decision.verdict == Verdict::Deny {
+            Stats::inc(&enforcer.stats.denied);
+        }
         enforcer.audit.record(decision_event);
     }
 
@@ -152,10 +144,18 @@ async fn handle(enforcer: Arc<Enforcer>, stream: TcpStream, peer: SocketAddr) {
         comm: caller.comm.clone(),
         unit: caller.unit.clone(),
         since_ms: crate::audit::now_ms(),
+        subject,
+        approved: decision.verdict == Verdict::Approve,
     };
-    enforcer.session_opened(live);
+    let revoked = enforcer.session_opened(live);
     let session = Session { id, caller, orig_dst, target, role, enforcer: enforcer.clone() };
-    let outcome = protocols::serve(&session, stream, decision).await;
+    let outcome = tokio::select! {
+        o = protocols::serve(&session, stream, decision) => o,
+        Ok(why) = revoked => {
+            warn!(session = %id, reason = %why, "session revoked by a policy change");
+            protocols::Outcome::reason(format!("revoked by policy change: {why}"))
+        }
+    };
     enforcer.session_closed(id);
     info!(session = %id, reason = %outcome.reason, bytes_up = outcome.bytes_up, bytes_down = outcome.bytes_down, "session end");
     enforcer.audit.record(Event::SessionEnd {

@@ -217,6 +217,28 @@ pub fn rule_ref(role: &Role, rule: &Rule) -> String {
     format!("roles.{}.rules[{}]", role.name, rule.index)
 }
 
+/// Why an open session to `dst` may no longer continue under `policy`, or
+/// None if it may: its destination must still select the same kind of
+/// target and its role must still be admitted (for opaque `tcp`: its
+/// `connect` class; a held-and-approved connection stays while its rule
+/// still says approve).
+pub fn revalidate(policy: &Policy, subject: &Subject, dst: std::net::SocketAddr, approved: bool) -> Option<String> {
+    let Some(target) = policy.target_for(dst) else {
+        return Some(format!("{dst} no longer matches a target"));
+    };
+    let role = role_for(policy, subject).map(|r| r.name.clone());
+    let d = if target.protocol == Protocol::Tcp {
+        decide_classes(policy, role.as_deref(), target, &["connect"])
+    } else {
+        decide_session(policy, role.as_deref(), target)
+    };
+    match d.verdict {
+        Verdict::Allow => None,
+        Verdict::Approve if approved => None,
+        _ => Some(format!("{} ({})", d.reason, d.rule)),
+    }
+}
+
 /// The role's rule for `target`, or the denial that applies when there is
 /// none.
 pub fn rule_of<'p>(policy: &'p Policy, role: Option<&str>, target: &Target) -> Result<(&'p Role, &'p Rule), Decision> {

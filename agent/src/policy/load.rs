@@ -205,9 +205,14 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
             "targets" => raw_targets = entries::<RawTarget>(&mut errs, "targets", value),
             "roles" => raw_roles = entries::<RawRole>(&mut errs, "roles", value),
             "bindings" => raw_bindings = entries::<RawBinding>(&mut errs, "bindings", value),
+            "approvals" => {
+                if let Some(a) = table::<RawApprovals>(&mut errs, "approvals", value) {
+                    policy.approvals = approvals(&mut errs, a);
+                }
+            }
             other => errs.at(
                 key.span().start,
-                format!("unknown key `{other}` (expected version, scopes, targets, roles, bindings)"),
+                format!("unknown key `{other}` (expected version, scopes, targets, roles, bindings, approvals)"),
             ),
         }
     }
@@ -246,6 +251,38 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
         errs.list.sort_by_key(|e| (e.line, e.column));
         Err(errs.list)
     }
+}
+
+/// Deserializes a top-level table.
+fn table<T: for<'de> Deserialize<'de>>(errs: &mut Errors<'_>, key: &str, value: &Spanned<DeValue<'_>>) -> Option<T> {
+    if !value.get_ref().is_table() {
+        errs.at(value.span().start, format!("`{key}` must be a table (`[{key}]`)"));
+        return None;
+    }
+    match T::deserialize(ValueDeserializer::from(value.clone())) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            errs.at(e.span().map_or(value.span().start, |s| s.start), format!("in `{key}`: {}", e.message().trim()));
+            None
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApprovals {
+    webhook: Option<Spanned<String>>,
+}
+
+fn approvals(errs: &mut Errors<'_>, a: RawApprovals) -> ApprovalSettings {
+    let mut out = ApprovalSettings::default();
+    if let Some(w) = a.webhook {
+        match crate::approvals::notify::Notifier::new(w.get_ref()) {
+            Ok(_) => out.webhook = Some(w.into_inner()),
+            Err(e) => errs.at_span(&w, e),
+        }
+    }
+    out
 }
 
 /// Deserializes each element of a top-level array of tables on its own.

@@ -5,7 +5,8 @@ pub mod load;
 pub mod model;
 
 pub use decide::{
-    binding_for, decide_classes, decide_session, decide_sql, role_for, Decision, SqlRequest, Subject, Verdict,
+    binding_for, decide_classes, decide_session, decide_sql, revalidate, role_for, Decision, SqlRequest, Subject,
+    Verdict,
 };
 pub use load::{load_file, parse, PolicyError, PolicyErrors};
 pub use model::*;

@@ -17,6 +17,7 @@ pub struct Policy {
     pub targets: Vec<Target>,
     pub roles: Vec<Role>,
     pub bindings: Vec<Binding>,
+    pub approvals: ApprovalSettings,
     /// Where it was read from (None for the built-in default).
     pub source: Option<PathBuf>,
     /// SHA-256 of the source text, to tell reloads apart in the audit log.
@@ -56,6 +57,13 @@ impl Policy {
         }
         best.map(|(_, _, t)| t)
     }
+}
+
+/// The `[approvals]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ApprovalSettings {
+    /// Told about every held request (HTTP(S) POST, JSON); never approves.
+    pub webhook: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]

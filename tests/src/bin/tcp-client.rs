@@ -15,6 +15,9 @@ fn main() {
     let msg = args.get(3).cloned();
     let out = match mode {
         "udp" => udp(addr, msg.as_deref().unwrap_or("ping")),
+        "line" => line(addr, msg.as_deref().unwrap_or("ping")),
+        "interactive" => interactive(addr),
+        "loop" => repeat(addr, msg.as_deref().and_then(|m| m.parse().ok()).unwrap_or(100)),
         _ => tcp(addr, msg.as_deref()),
     };
     println!("{out}");
@@ -41,6 +44,77 @@ fn tcp(addr: SocketAddr, msg: Option<&str>) -> serde_json::Value {
         }
     }
     serde_json::json!({"connected": true, "peer": peer, "reply": reply, "error": error})
+}
+
+/// Sends one line and reads one line back without half-closing first (a
+/// caller that keeps its connection open while it waits).
+fn line(addr: SocketAddr, msg: &str) -> serde_json::Value {
+    use std::io::BufRead;
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => return serde_json::json!({"connected": false, "error": e.to_string(), "errno": e.raw_os_error()}),
+    };
+    let timeout = std::env::var("TCP_CLIENT_TIMEOUT_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(timeout)));
+    if let Err(e) = s.write_all(format!("{msg}\n").as_bytes()) {
+        return serde_json::json!({"connected": true, "reply": "", "error": e.to_string()});
+    }
+    let mut reply = String::new();
+    let r = std::io::BufReader::new(&s).read_line(&mut reply);
+    serde_json::json!({"connected": true, "reply": reply.trim_end(), "error": r.err().map(|e| e.to_string())})
+}
+
+/// One connection, kept open: each stdin line is sent and the reply line
+/// printed as JSON, until stdin ends or the connection fails.
+fn interactive(addr: SocketAddr) -> serde_json::Value {
+    use std::io::BufRead;
+    let s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => return serde_json::json!({"connected": false, "error": e.to_string()}),
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut w = s.try_clone().unwrap();
+    let mut r = std::io::BufReader::new(s);
+    println!("{}", serde_json::json!({"connected": true}));
+    for msg in std::io::stdin().lock().lines().map_while(Result::ok) {
+        let sent = w.write_all(format!("{msg}\n").as_bytes());
+        let mut reply = String::new();
+        let read = r.read_line(&mut reply);
+        let closed = matches!(read, Ok(0)) || read.is_err() || sent.is_err();
+        println!("{}", serde_json::json!({"reply": reply.trim_end(), "closed": closed}));
+        if closed {
+            break;
+        }
+    }
+    serde_json::json!({"done": true})
+}
+
+/// `n` sequential connections, each one line echoed; counts what happened.
+fn repeat(addr: SocketAddr, n: usize) -> serde_json::Value {
+    use std::io::BufRead;
+    let (mut ok, mut refused, mut broken) = (0, 0, 0);
+    for i in 0..n {
+        let s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            Ok(s) => s,
+            Err(_) => {
+                refused += 1;
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut w = &s;
+        let mut line = String::new();
+        let good = w.write_all(format!("n{i}\n").as_bytes()).is_ok()
+            && std::io::BufReader::new(&s).read_line(&mut line).is_ok()
+            && line.trim_end() == format!("echo:n{i}");
+        if good {
+            ok += 1;
+        } else {
+            broken += 1;
+        }
+    }
+    serde_json::json!({"ok": ok, "refused": refused, "broken": broken})
 }
 
 fn udp(addr: SocketAddr, msg: &str) -> serde_json::Value {
