@@ -440,3 +440,101 @@ fn session_level_denial_startup_filtering_cancel_and_reload() {
     assert_eq!(after["error"]["code"], "42501", "{after}");
     let _ = child.wait();
 }
+
+/// A test CA and a server certificate for `db.test`, made with openssl in
+/// `dir`; the key is handed to the `postgres` user.
+fn make_server_cert(dir: &std::path::Path, name: &str) {
+    let sh = |cmd: &str| {
+        let o = std::process::Command::new("sh").arg("-c").arg(cmd).current_dir(dir).output().unwrap();
+        assert!(o.status.success(), "{cmd}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    sh(&format!(
+        "openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN={name}-ca -keyout {name}-ca.key -out {name}-ca.pem \
+         -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign"
+    ));
+    sh(&format!(
+        "openssl req -newkey rsa:2048 -nodes -subj /CN=db.test -keyout {name}.key -out {name}.csr && \
+         printf 'subjectAltName=DNS:db.test\\nextendedKeyUsage=serverAuth\\n' > {name}.ext && \
+         openssl x509 -req -in {name}.csr -CA {name}-ca.pem -CAkey {name}-ca.key -CAcreateserial -days 2 \
+         -extfile {name}.ext -out {name}.pem && chown postgres {name}.key {name}.pem && chmod 600 {name}.key"
+    ));
+}
+
+#[test]
+fn tls_to_the_caller_and_verified_tls_upstream_with_cleartext_only_over_it() {
+    if !require_root() || !require_tool("psql") || !require_tool("openssl") {
+        return;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(certs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    make_server_cert(certs.path(), "server");
+    make_server_cert(certs.path(), "other");
+    let c = |f: &str| certs.path().join(f).to_str().unwrap().to_string();
+    let pg = PgServer::start_with(&[
+        "-c",
+        "fsync=off",
+        "-c",
+        "ssl=on",
+        "-c",
+        &format!("ssl_cert_file={}", c("server.pem")),
+        "-c",
+        &format!("ssl_key_file={}", c("server.key")),
+    ]);
+    pg.create_user("tlsuser", APP_PASSWORD, PgAuth::Scram);
+    // This user is asked for a cleartext password, with or without TLS.
+    std::fs::write(
+        pg.dir.path().join("data/pg_hba.conf"),
+        "local all all trust\nhost all tlsuser 127.0.0.1/32 password\nhost all all 127.0.0.1/32 md5\n",
+    )
+    .unwrap();
+    pg.sql("postgres", "SELECT pg_reload_conf()");
+    let policy = format!(
+        "version = 1\n[[scopes]]\nname = \"ci\"\ncgroup = \"@CG@/ci\"\n\n\
+         [[targets]]\nname = \"tls-db\"\nprotocol = \"postgres\"\nmatch = [\"127.0.0.55:5432\"]\nupstream = \"{up}\"\n\
+         [targets.tls]\nclient = true\nupstream = true\nca = \"{ca}\"\nserver_name = \"db.test\"\n\
+         [targets.credentials]\nuser = \"tlsuser\"\npassword = {{ env = \"TLS_DB_PASSWORD\" }}\n\n\
+         [[targets]]\nname = \"plain-db\"\nprotocol = \"postgres\"\nmatch = [\"127.0.0.56:5432\"]\nupstream = \"{up}\"\n\
+         [targets.credentials]\nuser = \"tlsuser\"\npassword = {{ env = \"TLS_DB_PASSWORD\" }}\n\n\
+         [[targets]]\nname = \"wrong-ca-db\"\nprotocol = \"postgres\"\nmatch = [\"127.0.0.57:5432\"]\nupstream = \"{up}\"\n\
+         [targets.tls]\nupstream = true\nca = \"{other}\"\nserver_name = \"db.test\"\n\
+         [targets.credentials]\nuser = \"tlsuser\"\npassword = {{ env = \"TLS_DB_PASSWORD\" }}\n\n\
+         [[roles]]\nname = \"reader\"\n\
+         [[roles.rules]]\ntarget = \"tls-db\"\nallow = [\"read\"]\n\
+         [[roles.rules]]\ntarget = \"plain-db\"\nallow = [\"read\"]\n\
+         [[roles.rules]]\ntarget = \"wrong-ca-db\"\nallow = [\"read\"]\n\n\
+         [[bindings]]\nscope = \"ci\"\nrole = \"reader\"\n",
+        up = pg.addr,
+        ca = c("server-ca.pem"),
+        other = c("other-ca.pem"),
+    );
+    let agent = Agent::start_with_env(&policy, &[("TLS_DB_PASSWORD", APP_PASSWORD)]);
+    let local_ca = agent.state_dir().join("ca/ca.pem");
+    let run = |host: &str, sslmode: &str| {
+        let conn = format!(
+            "host={host} port=5432 user=x dbname=postgres sslmode={sslmode} sslrootcert={} connect_timeout=10",
+            local_ca.display()
+        );
+        let o = agent
+            .exec("ci", &["psql", &conn, "-X", "-At", "-c", "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"])
+            .output()
+            .unwrap();
+        text(&o)
+    };
+    // The caller verifies portcullis' certificate for the address it dialled;
+    // portcullis verifies the server's and may then send a cleartext password.
+    let (out, err) = run("127.0.0.55", "verify-full");
+    assert_eq!(out.trim(), "t", "TLS upstream: {out}{err}\n{}", agent.log_text());
+    // Without upstream TLS the cleartext request is refused.
+    let (out, err) = run("127.0.0.56", "disable");
+    assert!(out.is_empty() && err.contains("cannot open a session on the upstream"), "{out}{err}");
+    agent.wait_log("refusing to send a cleartext password");
+    // A server certificate the target's CA did not sign: no session.
+    let (out, err) = run("127.0.0.57", "disable");
+    assert!(out.is_empty() && err.contains("no verified TLS"), "{out}{err}");
+    // A target without `tls.client` answers SSLRequest with N.
+    let (out, err) = run("127.0.0.56", "require");
+    assert!(err.contains("does not support SSL") || err.contains("SSL"), "{out}{err}");
+}

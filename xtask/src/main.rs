@@ -142,6 +142,7 @@ fn setup(bench: bool) -> Result<()> {
         ("git", "git"),
         ("curl", "curl"),
         ("bpftool", "bpftool"),
+        ("openssl", "openssl"),
     ];
     if bench {
         pkgs.extend([("haproxy", "haproxy"), ("pgbouncer", "pgbouncer"), ("nginx", "nginx"), ("wrk", "wrk")]);

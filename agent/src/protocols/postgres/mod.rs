@@ -17,6 +17,7 @@ pub mod cancel;
 pub mod classify;
 pub mod proxy;
 pub mod rows;
+pub mod stream;
 pub mod upstream;
 pub mod wire;
 
@@ -24,7 +25,10 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use self::wire::{FrameReader, Severity};
+use self::{
+    stream::Stream,
+    wire::{FrameReader, Severity},
+};
 use super::{connect_upstream, Outcome, Session};
 use crate::{
     credentials,
@@ -63,10 +67,8 @@ struct Startup {
 
 pub async fn serve(session: &Session, client: TcpStream, admission: Decision) -> Outcome {
     let _ = client.set_nodelay(true);
-    let mut reader = FrameReader::new(client);
-    let startup = match negotiate(session, &mut reader, &admission).await {
-        Ok(Some(s)) => s,
-        Ok(None) => return Outcome::reason("closed during start-up"),
+    let (mut reader, startup) = match negotiate(session, FrameReader::new(Stream::Plain(client)), &admission).await {
+        Ok(x) => x,
         Err(outcome) => return outcome,
     };
     if admission.verdict != Verdict::Allow {
@@ -95,17 +97,6 @@ pub async fn serve(session: &Session, client: TcpStream, admission: Decision) ->
             return Outcome::reason(format!("credentials unavailable: {e}"));
         }
     };
-    if target.tls.upstream {
-        // Fail closed until upstream TLS is wired in.
-        fatal(
-            &mut reader,
-            "08006",
-            &format!("portcullis: TLS to the upstream of target {} is not available", target.name),
-        )
-        .await;
-        return Outcome::reason("upstream TLS not available");
-    }
-
     let up = match connect_upstream(session).await {
         Ok(u) => u,
         Err(e) => {
@@ -117,6 +108,24 @@ pub async fn serve(session: &Session, client: TcpStream, admission: Decision) ->
         }
     };
     let upstream_addr = up.peer_addr().ok();
+    let (up, tls_verified) = if target.tls.upstream {
+        match upstream_tls(session, up).await {
+            Ok(s) => (s, true),
+            Err(e) => {
+                Stats::inc(&session.enforcer.stats.upstream_failures);
+                warn!(session = %session.id, target = %target.name, error = %e, "upstream TLS failed");
+                fatal(
+                    &mut reader,
+                    "08006",
+                    &format!("portcullis: no verified TLS to the upstream of target {}", target.name),
+                )
+                .await;
+                return Outcome::reason(format!("upstream TLS failed: {e}"));
+            }
+        }
+    } else {
+        (Stream::Plain(up), false)
+    };
     let mut params = vec![("user".to_string(), user.clone())];
     let database = startup.params.iter().find(|(k, _)| k == "database").map(|(_, v)| v.clone());
     params.push(("database".into(), database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone())));
@@ -129,7 +138,7 @@ pub async fn serve(session: &Session, client: TcpStream, admission: Decision) ->
         }
     }
     let mut up_reader = FrameReader::new(up);
-    let started = match upstream::start(&mut up_reader, &params, &user, password.as_ref(), false).await {
+    let started = match upstream::start(&mut up_reader, &params, &user, password.as_ref(), tls_verified).await {
         Ok(s) => s,
         Err(e) => {
             Stats::inc(&session.enforcer.stats.upstream_failures);
@@ -174,17 +183,18 @@ pub async fn serve(session: &Session, client: TcpStream, admission: Decision) ->
     outcome
 }
 
-/// Answers SSLRequest and GSSENCRequest, passes a CancelRequest on, and
-/// returns the startup parameters. `Err` carries how the session ended.
+/// Answers SSLRequest (with TLS from the local CA when the target offers it
+/// to callers, else `N`) and GSSENCRequest (`N`), passes a CancelRequest on,
+/// and returns the startup parameters. `Err` carries how the session ended.
 async fn negotiate(
     session: &Session,
-    reader: &mut FrameReader<TcpStream>,
+    mut reader: FrameReader<Stream>,
     admission: &Decision,
-) -> Result<Option<Startup>, Outcome> {
+) -> Result<(FrameReader<Stream>, Startup), Outcome> {
     loop {
         let packet = match reader.startup_packet().await {
             Ok(Some(p)) => p,
-            Ok(None) => return Ok(None),
+            Ok(None) => return Err(Outcome::reason("closed during start-up")),
             Err(e) => return Err(Outcome::reason(format!("bad start-up packet: {e}"))),
         };
         let mut body = &packet[..];
@@ -196,7 +206,14 @@ async fn negotiate(
                     // either plaintext or TLS.
                     return Err(Outcome::reason("data sent before the SSLRequest was answered"));
                 }
-                wire::send(reader.get_mut(), b"N").await.map_err(|e| Outcome::reason(e.to_string()))?;
+                let tls = code == wire::SSL_REQUEST
+                    && session.target.tls.client
+                    && matches!(reader.get_mut(), Stream::Plain(_));
+                if !tls {
+                    wire::send(reader.get_mut(), b"N").await.map_err(|e| Outcome::reason(e.to_string()))?;
+                    continue;
+                }
+                reader = accept_tls(session, reader).await.map_err(Outcome::reason)?;
             }
             wire::CANCEL_REQUEST => {
                 let pid = wire::i32_at(&mut body).map_err(|e| Outcome::reason(e.to_string()))?;
@@ -215,15 +232,75 @@ async fn negotiate(
                 let all = wire::startup_params(body).map_err(|e| Outcome::reason(e.to_string()))?;
                 let unsupported_options =
                     all.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
-                return Ok(Some(Startup { params: all, minor: v & 0xffff, unsupported_options }));
+                return Ok((reader, Startup { params: all, minor: v & 0xffff, unsupported_options }));
             }
             other => {
-                fatal(reader, "0A000", &format!("unsupported frontend protocol {}.{}", other >> 16, other & 0xffff))
-                    .await;
+                fatal(
+                    &mut reader,
+                    "0A000",
+                    &format!("unsupported frontend protocol {}.{}", other >> 16, other & 0xffff),
+                )
+                .await;
                 return Err(Outcome::reason("unsupported protocol version"));
             }
         }
     }
+}
+
+/// The name the caller's certificate is made for: the target's first host
+/// name, else the address the caller dialled.
+fn client_cert_name(session: &Session) -> String {
+    session.target.hosts.first().cloned().unwrap_or_else(|| session.orig_dst.0.ip().to_canonical().to_string())
+}
+
+/// Answers `S` and runs the TLS handshake with a certificate from the local
+/// CA.
+async fn accept_tls(session: &Session, reader: FrameReader<Stream>) -> Result<FrameReader<Stream>, String> {
+    let (stream, _) = reader.into_parts();
+    let Stream::Plain(mut tcp) = stream else { return Err("TLS requested twice".into()) };
+    let config = session
+        .enforcer
+        .ca
+        .server_config(&client_cert_name(session), &[b"postgresql"])
+        .map_err(|e| format!("no certificate for the caller: {e}"))?;
+    wire::send(&mut tcp, b"S").await.map_err(|e| e.to_string())?;
+    let tls =
+        tokio_rustls::TlsAcceptor::from(config).accept(tcp).await.map_err(|e| format!("TLS with the caller: {e}"))?;
+    Ok(FrameReader::new(Stream::Server(Box::new(tls))))
+}
+
+/// SSLRequest to the upstream and a TLS handshake that verifies its
+/// certificate (system roots plus the target's `tls.ca`) for the target's
+/// `tls.server_name` (else its first host name, else the upstream host).
+async fn upstream_tls(session: &Session, mut tcp: TcpStream) -> Result<Stream, String> {
+    use bytes::BufMut;
+    use tokio::io::AsyncReadExt;
+    let target = &session.target;
+    let mut req = BytesMut::new();
+    req.put_i32(8);
+    req.put_i32(wire::SSL_REQUEST);
+    wire::send(&mut tcp, &req).await.map_err(|e| e.to_string())?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(|e| e.to_string())?;
+    if answer[0] != b'S' {
+        return Err("the upstream does not offer TLS".into());
+    }
+    let name =
+        target.tls.server_name.clone().or_else(|| target.hosts.first().cloned()).unwrap_or_else(|| {
+            match &target.upstream {
+                crate::policy::Upstream::Host { host, .. } => host.clone(),
+                crate::policy::Upstream::Addr(a) => a.ip().to_canonical().to_string(),
+                crate::policy::Upstream::Original => session.orig_dst.0.ip().to_canonical().to_string(),
+            }
+        });
+    let server_name =
+        rustls::pki_types::ServerName::try_from(name.clone()).map_err(|e| format!("server name {name}: {e}"))?;
+    let config = crate::tls::client_config(target.tls.ca.as_deref(), &[b"postgresql"]).map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| format!("TLS with the upstream ({name}): {e}"))?;
+    Ok(Stream::Client(Box::new(tls)))
 }
 
 /// NegotiateProtocolVersion: 3.0, and the options not taken up.
@@ -242,7 +319,7 @@ fn negotiate_protocol_version(out: &mut BytesMut, options: &[String]) {
     out[at + 1..at + 5].copy_from_slice(&len.to_be_bytes());
 }
 
-async fn fatal(reader: &mut FrameReader<TcpStream>, code: &str, message: &str) {
+async fn fatal(reader: &mut FrameReader<Stream>, code: &str, message: &str) {
     let mut out = BytesMut::new();
     wire::error_response(&mut out, Severity::Fatal, code, message, None);
     let _ = wire::send(reader.get_mut(), &out).await;
