@@ -677,3 +677,48 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Back<R, W> {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(sql: &str) -> StatementInfo {
+        classify::classify(sql).unwrap().remove(0)
+    }
+
+    #[test]
+    fn effects_that_wait_for_commit() {
+        assert!(transactional(&info("INSERT INTO t VALUES (1)")));
+        assert!(transactional(&info("CREATE TABLE x (a int)")));
+        assert!(!transactional(&info("SELECT nextval('s')")), "sequences move at once");
+        assert!(!transactional(&info("SELECT my_func()")), "unknown functions may act at once");
+        assert!(!transactional(&info("VACUUM t")));
+        assert!(!transactional(&info("COPY t TO PROGRAM 'x'")));
+        assert!(changes_state(&info("UPDATE t SET a = 1").all_classes()));
+        assert!(!changes_state(&info("SELECT 1").all_classes()));
+        assert!(!changes_state(&info("BEGIN").all_classes()));
+        assert!(!changes_state(&info("SET work_mem = '1MB'").all_classes()));
+    }
+
+    #[test]
+    fn approval_is_a_denial_that_says_so() {
+        let d = Decision {
+            verdict: Verdict::Approve,
+            role: Some("r".into()),
+            rule: "roles.r.rules[0]".into(),
+            reason: "ddl is in approve".into(),
+            mask: Vec::new(),
+            approval_timeout: std::time::Duration::from_secs(1),
+        };
+        let s = settle(d);
+        assert_eq!(s.verdict, Verdict::Deny);
+        assert!(s.reason.contains("approval required") && s.reason.contains("ddl is in approve"));
+        assert!(denial_message(&s).contains("roles.r.rules[0]"));
+    }
+
+    #[test]
+    fn markers_are_per_session() {
+        assert_ne!(marker_prefix(1), marker_prefix(2));
+        assert!(marker_prefix(0xab).starts_with("pcx00000000000000abn"));
+    }
+}
