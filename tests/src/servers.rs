@@ -499,3 +499,139 @@ fn tokio_stream<T>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_core::Str
     }
     S(rx)
 }
+
+/// A real PostgreSQL 15 server: initdb into a temporary directory, run as
+/// the `postgres` user on a random loopback port. Users are made with
+/// [`PgServer::create_user`] (SCRAM-SHA-256 or md5 password storage);
+/// `pg_hba.conf` asks TCP clients for the method their password is stored
+/// with, and trusts only the local socket (used for set-up and checks).
+pub struct PgServer {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgAuth {
+    Scram,
+    Md5,
+}
+
+impl PgServer {
+    /// Starts a server on 127.0.0.1 (fsync off: test data need not survive).
+    pub fn start() -> PgServer {
+        PgServer::start_with(&["-c", "fsync=off", "-c", "synchronous_commit=off"])
+    }
+
+    /// Starts a server with extra `postgres` arguments.
+    pub fn start_with(extra: &[&str]) -> PgServer {
+        use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+        let pg = nix::unistd::User::from_name("postgres").unwrap().expect("a `postgres` user (postgresql package)");
+        let (uid, gid) = (pg.uid.as_raw(), pg.gid.as_raw());
+        let dir = tempfile::Builder::new().prefix("pc-pg-").tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        nix::unistd::chown(dir.path(), Some(pg.uid), Some(pg.gid)).unwrap();
+        let data = dir.path().join("data");
+        let as_pg = |cmd: &mut std::process::Command| {
+            cmd.uid(uid).gid(gid).env("HOME", dir.path()).env("LC_ALL", "C.UTF-8");
+        };
+        let mut initdb = std::process::Command::new(format!("{PG_BIN}/initdb"));
+        initdb.arg("-D").arg(&data).args([
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C.UTF-8",
+            "--auth-local=trust",
+        ]);
+        as_pg(&mut initdb);
+        let out = initdb.output().expect("run initdb");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        // Any md5-stored password is asked for with md5 (a SCRAM-stored one
+        // upgrades an md5 line to SCRAM).
+        let hba = "local all all trust\nhost all all 127.0.0.1/32 md5\n";
+        std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
+        let port = crate::free_port();
+        let mut postgres = std::process::Command::new(format!("{PG_BIN}/postgres"));
+        postgres
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", dir.path().display()))
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        as_pg(&mut postgres);
+        let child = postgres.spawn().expect("start postgres");
+        let server = PgServer { addr: SocketAddr::from(([127, 0, 0, 1], port)), dir, child };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let ok = std::process::Command::new(format!("{PG_BIN}/pg_isready"))
+                .arg("-h")
+                .arg(server.dir.path())
+                .args(["-p", &port.to_string(), "-q"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "postgres did not start");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        server
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Runs SQL as the superuser over the local socket (unguarded); returns
+    /// stdout (unaligned, tuples only), panicking on error.
+    pub fn sql(&self, db: &str, sql: &str) -> String {
+        let out = std::process::Command::new("psql")
+            .arg("-h")
+            .arg(self.dir.path())
+            .args([
+                "-p",
+                &self.port().to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-X",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("run psql");
+        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    }
+
+    /// Creates a login role whose password is stored for `auth`.
+    pub fn create_user(&self, name: &str, password: &str, auth: PgAuth) {
+        let enc = match auth {
+            PgAuth::Scram => "scram-sha-256",
+            PgAuth::Md5 => "md5",
+        };
+        self.sql(
+            "postgres",
+            &format!("SET password_encryption = '{enc}'; CREATE ROLE {name} LOGIN PASSWORD '{password}'"),
+        );
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        // SIGINT: fast shutdown.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+    }
+}

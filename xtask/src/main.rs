@@ -57,7 +57,7 @@ enum Task {
     },
     /// Benchmarks: direct vs through portcullis (and a reference tool).
     Bench {
-        /// Which: tcp, http, audit, masking, or all.
+        /// Which: tcp, postgres, http, audit, masking, or all.
         #[arg(default_value = "all")]
         which: String,
     },
@@ -168,6 +168,7 @@ pub fn setup(bench: bool) -> Result<()> {
         ("dpkg-shlibdeps", "dpkg-dev"),
         ("setpriv", "util-linux"),
         ("unshare", "util-linux"),
+        ("openssl", "openssl"),
     ];
     if bench {
         pkgs.extend([

@@ -62,14 +62,18 @@ pub enum RequestInfo {
     Tcp {
         classes: Vec<String>,
     },
-    /// One SQL statement (or protocol message) of a PostgreSQL session.
+    /// One PostgreSQL statement (or FunctionCall message).
     Postgres {
-        /// The statement as sent (scrubbed of injected credentials).
-        text: String,
+        /// The statement's SQL text (for a FunctionCall: the function's oid).
+        sql: String,
+        /// What it is: SELECT, INSERT, CREATE TABLE, FunctionCall...
+        kind: String,
+        /// Every class it carries, its functions' included.
         classes: Vec<String>,
-        /// Tables it touches, schema-qualified.
-        #[serde(default)]
+        /// Tables it touches, `schema.name`.
         tables: Vec<String>,
+        /// Functions it calls, `schema.name`.
+        functions: Vec<String>,
     },
     /// One HTTP request. In its `decision` record `status` is set only when
     /// portcullis answered itself (a denial); its `request_end` record has

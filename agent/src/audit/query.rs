@@ -280,7 +280,7 @@ pub fn replay_lines(records: &[SessionRecord]) -> Vec<(u64, String)> {
                     }
                     proto => {
                         let text = match proto {
-                            "postgres" => s(&req["text"]),
+                            "postgres" => s(&req["sql"]),
                             "http" => format!("{} {}{}", s(&req["method"]), s(&req["host"]), s(&req["path"])),
                             "git" => {
                                 let mut t = format!("git {} {}", s(&req["service"]), s(&req["repo"]));

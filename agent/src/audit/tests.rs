@@ -117,9 +117,11 @@ async fn registered_credentials_never_reach_the_file() {
         .record_durable(Event::Decision {
             session: SessionId(9),
             request: RequestInfo::Postgres {
-                text: format!("ALTER ROLE app PASSWORD '{pw}'"),
+                sql: format!("ALTER ROLE app PASSWORD '{pw}'"),
+                kind: "ALTER ROLE".into(),
                 classes: vec!["dcl".into()],
                 tables: vec![],
+                functions: vec![],
             },
             decision: DecisionInfo { verdict: "deny".into(), role: None, rule: "r".into(), reason: pw.into() },
         })
@@ -146,7 +148,7 @@ async fn registered_credentials_never_reach_the_file() {
         assert!(!text.contains(needle), "{needle} found in the log");
     }
     let recs = exported(dir.path());
-    assert_eq!(recs[0]["request"]["text"], "ALTER ROLE app PASSWORD '[REDACTED]'");
+    assert_eq!(recs[0]["request"]["sql"], "ALTER ROLE app PASSWORD '[REDACTED]'");
     assert!(recs[1]["summary"]["content"].as_str().unwrap().contains("next=[REDACTED]"));
     assert!(read::verify(dir.path()).unwrap().ok);
 }
@@ -365,9 +367,11 @@ async fn sessions_are_summarised_and_replayed_in_order() {
     audit.record(Event::Decision {
         session: SessionId(id),
         request: RequestInfo::Postgres {
-            text: "SELECT email FROM users".into(),
+            sql: "SELECT email FROM users".into(),
+            kind: "SELECT".into(),
             classes: vec!["read".into()],
             tables: vec![],
+            functions: vec![],
         },
         decision: DecisionInfo {
             verdict: "allow".into(),
@@ -388,7 +392,13 @@ async fn sessions_are_summarised_and_replayed_in_order() {
     });
     audit.record(Event::Decision {
         session: SessionId(id),
-        request: RequestInfo::Postgres { text: "DROP TABLE users".into(), classes: vec!["ddl".into()], tables: vec![] },
+        request: RequestInfo::Postgres {
+            sql: "DROP TABLE users".into(),
+            kind: "DROP TABLE".into(),
+            classes: vec!["ddl".into()],
+            tables: vec![],
+            functions: vec![],
+        },
         decision: DecisionInfo {
             verdict: "deny".into(),
             role: None,

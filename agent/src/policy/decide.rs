@@ -111,6 +111,10 @@ pub fn decide_classes(policy: &Policy, role: Option<&str>, target: &Target, clas
         Err(d) => return d,
         Ok(x) => x,
     };
+    decide_with_rule(role, rule, classes)
+}
+
+fn decide_with_rule(role: &Role, rule: &Rule, classes: &[&str]) -> Decision {
     if classes.is_empty() {
         // Nothing recognisable: fail closed.
         return Decision::deny(Some(&role.name), rule_ref(role, rule), "request has no class");
@@ -131,6 +135,57 @@ pub fn decide_classes(policy: &Policy, role: Option<&str>, target: &Target, clas
         mask: rule.mask.clone(),
         approval_timeout: rule.approval_timeout,
     }
+}
+
+/// A PostgreSQL statement as the decision sees it: its own classes, the
+/// tables it touches and the functions it calls (`schema.name`, each with
+/// the class calling it carries, `None` for a built-in that only reads).
+#[derive(Debug, Clone, Default)]
+pub struct SqlRequest<'a> {
+    pub classes: Vec<&'a str>,
+    pub tables: Vec<&'a str>,
+    pub functions: Vec<(&'a str, Option<&'a str>)>,
+}
+
+/// Decides a PostgreSQL statement: a function in `deny_functions` or a table
+/// in `deny_tables` (or outside a non-empty `allow_tables`) denies it; then
+/// its classes decide as in [`decide_classes`], where a function matching
+/// `allow_functions` adds no class of its own.
+pub fn decide_sql(policy: &Policy, role: Option<&str>, target: &Target, req: &SqlRequest<'_>) -> Decision {
+    let (role, rule) = match rule_of(policy, role, target) {
+        Err(d) => return d,
+        Ok(x) => x,
+    };
+    let deny = |reason: String| Decision {
+        verdict: Verdict::Deny,
+        role: Some(role.name.clone()),
+        rule: rule_ref(role, rule),
+        reason,
+        mask: Vec::new(),
+        approval_timeout: rule.approval_timeout,
+    };
+    for (f, _) in &req.functions {
+        if let Some(p) = rule.deny_functions.iter().find(|p| p.matches(f)) {
+            return deny(format!("function {f} matches deny_functions \"{p}\""));
+        }
+    }
+    for t in &req.tables {
+        if let Some(p) = rule.deny_tables.iter().find(|p| p.matches(t)) {
+            return deny(format!("table {t} matches deny_tables \"{p}\""));
+        }
+        if !rule.allow_tables.is_empty() && !rule.allow_tables.iter().any(|p| p.matches(t)) {
+            return deny(format!("table {t} is not in allow_tables"));
+        }
+    }
+    let mut classes = req.classes.clone();
+    for (f, class) in &req.functions {
+        if let Some(c) = class {
+            if !rule.allow_functions.iter().any(|p| p.matches(f)) && !classes.contains(c) {
+                classes.push(c);
+            }
+        }
+    }
+    decide_with_rule(role, rule, &classes)
 }
 
 /// A class named explicitly wins over `*`; among explicit (and among `*`)
@@ -557,6 +612,55 @@ target = "api"
             &HttpRequest { method: "GET", path: "/", content_length: None, websocket: false },
         );
         assert_eq!(d.decision.verdict, Verdict::Deny);
+    }
+
+    fn sql_policy() -> Policy {
+        let src = POLICY.replace(
+            "mask = [\"detector:email\"]",
+            "mask = [\"detector:email\"]\ndeny_tables = [\"public.secrets\", \"pg_catalog.pg_authid\"]\nallow_functions = [\"public.report_*\"]\ndeny_functions = [\"pg_catalog.pg_sleep\"]",
+        )
+        .replace("allow = [\"*\"]\ndeny = [\"dcl\"]", "allow = [\"*\"]\ndeny = [\"dcl\"]\nallow_tables = [\"public.*\"]");
+        parse(&src).expect("sql test policy parses")
+    }
+
+    #[test]
+    fn sql_tables_and_functions() {
+        let p = sql_policy();
+        let db = p.target("db").unwrap();
+        let req =
+            |classes: &[&'static str], tables: &[&'static str], functions: &[(&'static str, Option<&'static str>)]| {
+                SqlRequest { classes: classes.to_vec(), tables: tables.to_vec(), functions: functions.to_vec() }
+            };
+        let d = |role: &str, r: &SqlRequest<'_>| decide_sql(&p, Some(role), db, r);
+
+        let ok = d("reader", &req(&["read"], &["public.orders"], &[("pg_catalog.lower", None)]));
+        assert_eq!(ok.verdict, Verdict::Allow, "{ok}");
+        let no = d("reader", &req(&["read"], &["public.orders", "public.secrets"], &[]));
+        assert_eq!(no.verdict, Verdict::Deny);
+        assert!(no.reason.contains("public.secrets") && no.reason.contains("deny_tables"), "{no}");
+        assert_eq!(no.rule, "roles.reader.rules[0]");
+        // A table deny beats an allowed class.
+        assert_eq!(d("reader", &req(&["read"], &["pg_catalog.pg_authid"], &[])).verdict, Verdict::Deny);
+        // Functions: their class counts unless allow-listed; deny-listed ones deny.
+        let w = d("reader", &req(&["read"], &[], &[("public.my_fn", Some("function-call"))]));
+        assert_eq!(w.verdict, Verdict::Deny);
+        assert!(w.reason.contains("function-call"), "{w}");
+        let trusted = d("reader", &req(&["read"], &[], &[("public.report_daily", Some("function-call"))]));
+        assert_eq!(trusted.verdict, Verdict::Allow, "{trusted}");
+        let slept = d("reader", &req(&["read"], &[], &[("pg_catalog.pg_sleep", Some("session"))]));
+        assert_eq!(slept.verdict, Verdict::Deny);
+        assert!(slept.reason.contains("deny_functions"), "{slept}");
+        let nv = d("reader", &req(&["read"], &[], &[("pg_catalog.nextval", Some("write"))]));
+        assert_eq!(nv.verdict, Verdict::Deny, "a write through a function is a write");
+        // allow_tables: everything outside is denied.
+        assert_eq!(d("ops", &req(&["write"], &["public.t"], &[])).verdict, Verdict::Allow);
+        let out = d("ops", &req(&["read"], &["other.t"], &[]));
+        assert_eq!(out.verdict, Verdict::Deny);
+        assert!(out.reason.contains("not in allow_tables"), "{out}");
+        // Approval still holds, and still loses to a deny.
+        assert_eq!(d("reader", &req(&["ddl"], &["public.t"], &[])).verdict, Verdict::Approve);
+        assert_eq!(d("reader", &req(&["ddl"], &["public.secrets"], &[])).verdict, Verdict::Deny);
+        assert_eq!(d("reader", &req(&[], &[], &[])).verdict, Verdict::Deny, "no class: denied");
     }
 
     #[test]

@@ -136,6 +136,10 @@ struct RawRule {
     max_body: Option<Spanned<RawSize>>,
     /// HTTP: whether WebSocket upgrades may be forwarded.
     websocket: Option<Spanned<bool>>,
+    allow_tables: Option<Spanned<Vec<Spanned<String>>>>,
+    deny_tables: Option<Spanned<Vec<Spanned<String>>>>,
+    allow_functions: Option<Spanned<Vec<Spanned<String>>>>,
+    deny_functions: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -617,6 +621,28 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
         });
         let [allow, approve, deny] = lists;
         let (masks, mask_plan) = masks(errs, policy, target, &raw.target, &raw.mask);
+        let mut names = |key: &str, list: Option<Spanned<Vec<Spanned<String>>>>| -> Vec<NamePattern> {
+            let Some(list) = list else { return Vec::new() };
+            if target.protocol != Protocol::Postgres {
+                errs.at_span(
+                    &list,
+                    format!("`{key}` applies to postgres targets only (`{}` is {})", target.name, target.protocol),
+                );
+                return Vec::new();
+            }
+            let mut out = Vec::new();
+            for p in list.into_inner() {
+                match NamePattern::parse(p.get_ref()) {
+                    Ok(n) => out.push(n),
+                    Err(e) => errs.at_span(&p, format!("bad name pattern `{}` in `{key}`: {e}", p.get_ref())),
+                }
+            }
+            out
+        };
+        let allow_tables = names("allow_tables", raw.allow_tables);
+        let deny_tables = names("deny_tables", raw.deny_tables);
+        let allow_functions = names("allow_functions", raw.allow_functions);
+        let deny_functions = names("deny_functions", raw.deny_functions);
         rules.push(Rule {
             target: target.name.clone(),
             index,
@@ -626,6 +652,10 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
             mask: raw.mask.into_iter().map(Spanned::into_inner).collect(),
             masks,
             mask_plan,
+            allow_tables,
+            deny_tables,
+            allow_functions,
+            deny_functions,
             approval_timeout,
             http,
         });
@@ -1065,6 +1095,56 @@ mask = ["header:set-cookie", "json:password=null", "detector:token"]
         assert!(has(&errors(&src), 6, "matches empty text"), "{:?}", errors(&src));
         let tcp = "version = 1\n[[targets]]\nname = \"t\"\nprotocol = \"tcp\"\nmatch = [\"127.0.0.1:1\"]\n[[roles]]\nname = \"r\"\n[[roles.rules]]\ntarget = \"t\"\nallow = [\"connect\"]\nmask = [\"detector:email\"]\n";
         assert!(has(&errors(tcp), 11, "do not apply to tcp targets (they take: nothing)"));
+    }
+
+    #[test]
+    fn name_patterns_are_checked_and_located() {
+        let src = r#"version = 1
+[[targets]]
+name = "db"
+protocol = "postgres"
+match = ["127.0.0.1:5432"]
+[[targets]]
+name = "c"
+protocol = "tcp"
+match = ["127.0.0.1:1"]
+[[roles]]
+name = "r"
+[[roles.rules]]
+target = "db"
+deny_tables = ["public.secrets", "a.b.c"]
+allow_functions = ["\"unterminated"]
+deny_functions = ["bad name"]
+[[roles.rules]]
+target = "c"
+allow_tables = ["x"]
+"#;
+        let errs = errors(src);
+        assert!(has(&errs, 14, "bad name pattern `a.b.c` in `deny_tables`"), "{errs:?}");
+        assert!(has(&errs, 15, "unterminated"), "{errs:?}");
+        assert!(has(&errs, 16, "unexpected character ` `"), "{errs:?}");
+        assert!(has(&errs, 19, "applies to postgres targets only"), "{errs:?}");
+        let e = errs.iter().find(|e| e.line == 14).unwrap();
+        assert_eq!(e.column, 34, "column points at the bad pattern");
+    }
+
+    #[test]
+    fn name_patterns_fold_like_sql() {
+        let p = NamePattern::parse("Public.Secrets").unwrap();
+        assert!(p.matches("public.secrets"));
+        assert!(!p.matches("public.Secrets"));
+        let p = NamePattern::parse("public.\"Secrets\"").unwrap();
+        assert!(p.matches("public.Secrets"));
+        assert!(!p.matches("public.secrets"));
+        let p = NamePattern::parse("secrets").unwrap();
+        assert!(p.matches("other.secrets"), "no schema: any schema");
+        let p = NamePattern::parse("app_*.*_log").unwrap();
+        assert!(p.matches("app_eu.audit_log"));
+        assert!(!p.matches("app_eu.audit_logs"));
+        assert!(!p.matches("public.audit_log"));
+        assert!(NamePattern::parse("*").unwrap().matches("pg_catalog.pg_authid"));
+        assert!(NamePattern::parse("").is_err());
+        assert!(NamePattern::parse("a.").is_err());
     }
 
     #[test]

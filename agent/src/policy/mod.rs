@@ -5,8 +5,8 @@ pub mod load;
 pub mod model;
 
 pub use decide::{
-    binding_for, decide_classes, decide_http, decide_session, revalidate, role_for, Decision, HttpDecision,
-    HttpRequest, Subject, Verdict,
+    binding_for, decide_classes, decide_http, decide_session, decide_sql, revalidate, role_for, Decision, HttpDecision,
+    HttpRequest, SqlRequest, Subject, Verdict,
 };
 pub use load::{load_file, parse, PolicyError, PolicyErrors};
 pub use model::*;

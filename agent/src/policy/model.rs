@@ -112,6 +112,7 @@ impl Protocol {
                 "copy-out",
                 "function-call",
                 "utility",
+                "server",
             ],
             Protocol::Http => {
                 &["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "CONNECT", "TRACE", "read", "write"]
@@ -389,6 +390,16 @@ pub struct Rule {
     /// injected credentials).
     #[serde(skip)]
     pub mask_plan: Arc<Plan>,
+    /// PostgreSQL: when not empty, every table a statement touches must match
+    /// one of these.
+    pub allow_tables: Vec<NamePattern>,
+    /// PostgreSQL: a statement touching a matching table is denied.
+    pub deny_tables: Vec<NamePattern>,
+    /// PostgreSQL: calls to matching functions carry no class of their own
+    /// (trusted as reads).
+    pub allow_functions: Vec<NamePattern>,
+    /// PostgreSQL: a statement calling a matching function is denied.
+    pub deny_functions: Vec<NamePattern>,
     /// How long a held request waits for a human before it is denied.
     #[serde(serialize_with = "ser_duration")]
     pub approval_timeout: Duration,
@@ -481,4 +492,122 @@ pub struct Binding {
     pub selector: Selector,
     pub role: String,
     pub index: usize,
+}
+
+/// A pattern over schema-qualified names (`schema.name`), written as SQL
+/// names are: unquoted parts are case-folded to lower case, `"Quoted"` parts
+/// are kept as written, `*` in an unquoted part matches any run of
+/// characters. A pattern without a schema matches the name in any schema.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NamePattern {
+    #[serde(skip)]
+    pub schema: Option<Vec<Segment>>,
+    #[serde(skip)]
+    pub name: Vec<Segment>,
+    /// As written in the policy.
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    Literal(String),
+    Star,
+}
+
+impl NamePattern {
+    /// Parses a pattern; the error says what is wrong with it.
+    pub fn parse(text: &str) -> Result<NamePattern, String> {
+        let mut parts: Vec<Vec<Segment>> = Vec::new();
+        let mut current: Vec<Segment> = Vec::new();
+        let mut started = false;
+        let mut chars = text.chars().peekable();
+        let push_lit = |seg: &mut Vec<Segment>, c: char| match seg.last_mut() {
+            Some(Segment::Literal(s)) => s.push(c),
+            _ => seg.push(Segment::Literal(c.to_string())),
+        };
+        while let Some(c) = chars.next() {
+            match c {
+                '"' => {
+                    started = true;
+                    loop {
+                        match chars.next() {
+                            None => return Err("unterminated quoted name".into()),
+                            Some('"') if chars.peek() == Some(&'"') => {
+                                chars.next();
+                                push_lit(&mut current, '"');
+                            }
+                            Some('"') => break,
+                            Some(c) => push_lit(&mut current, c),
+                        }
+                    }
+                }
+                '.' => {
+                    if !started {
+                        return Err("empty name part".into());
+                    }
+                    parts.push(std::mem::take(&mut current));
+                    started = false;
+                }
+                '*' => {
+                    started = true;
+                    if current.last() != Some(&Segment::Star) {
+                        current.push(Segment::Star);
+                    }
+                }
+                c if c.is_alphanumeric() || c == '_' || c == '$' => {
+                    started = true;
+                    push_lit(&mut current, c.to_ascii_lowercase());
+                }
+                c => return Err(format!("unexpected character `{c}` (quote the name: \"...\")")),
+            }
+        }
+        if !started {
+            return Err("empty name part".into());
+        }
+        parts.push(current);
+        let (schema, name) = match parts.len() {
+            1 => (None, parts.pop().expect("one part")),
+            2 => {
+                let name = parts.pop().expect("two parts");
+                (parts.pop(), name)
+            }
+            _ => return Err("a name is `name` or `schema.name`".into()),
+        };
+        Ok(NamePattern { schema, name, text: text.to_string() })
+    }
+
+    /// Whether `qualified` (`schema.name`, as the SQL classifier reports it)
+    /// matches.
+    pub fn matches(&self, qualified: &str) -> bool {
+        let (schema, name) = match qualified.split_once('.') {
+            Some((s, n)) => (Some(s), n),
+            None => (None, qualified),
+        };
+        let schema_ok = match (&self.schema, schema) {
+            (None, _) => true,
+            (Some(p), Some(s)) => wildcard(p, s),
+            (Some(_), None) => false,
+        };
+        schema_ok && wildcard(&self.name, name)
+    }
+}
+
+impl fmt::Display for NamePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// `*`-only wildcard matching over literal segments.
+fn wildcard(pattern: &[Segment], s: &str) -> bool {
+    match pattern.split_first() {
+        None => s.is_empty(),
+        Some((Segment::Literal(l), rest)) => s.strip_prefix(l.as_str()).is_some_and(|r| wildcard(rest, r)),
+        Some((Segment::Star, rest)) => {
+            if rest.is_empty() {
+                return true;
+            }
+            s.char_indices().map(|(i, _)| i).chain([s.len()]).any(|i| wildcard(rest, &s[i..]))
+        }
+    }
 }

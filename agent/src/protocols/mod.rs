@@ -2,6 +2,7 @@
 //! side, and decides request by request. `tcp` is opaque: one decision per
 //! connection.
 pub mod http;
+pub mod postgres;
 pub mod tcp;
 
 use std::{io, net::SocketAddr, sync::Arc};
@@ -46,6 +47,7 @@ pub async fn serve(session: &Session, client: TcpStream, admission: Decision) ->
     match session.target.protocol {
         Protocol::Tcp => tcp::serve(session, client, admission).await,
         Protocol::Http => http::serve(session, client, admission).await,
+        Protocol::Postgres => postgres::serve(session, client, admission).await,
         other => {
             // Fail closed for a protocol this build cannot decode.
             drop(client);

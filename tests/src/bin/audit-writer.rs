@@ -40,9 +40,11 @@ fn statement(writer: u64, n: u64) -> Event {
     Event::Decision {
         session: SessionId(writer),
         request: RequestInfo::Postgres {
-            text: format!("UPDATE accounts SET balance = balance - 10 WHERE id = {n} AND owner = 'writer-{writer}'"),
+            sql: format!("UPDATE accounts SET balance = balance - 10 WHERE id = {n} AND owner = 'writer-{writer}'"),
+            kind: "UPDATE".into(),
             classes: vec!["write".into()],
             tables: vec!["public.accounts".into()],
+            functions: vec![],
         },
         decision: DecisionInfo {
             verdict: "allow".into(),

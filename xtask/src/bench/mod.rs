@@ -6,10 +6,11 @@ use anyhow::{bail, Result};
 mod audit;
 mod http;
 mod masking;
+mod postgres;
 mod tcp;
 
 pub fn run(which: &str) -> Result<()> {
-    const ALL: &[&str] = &["tcp", "http", "audit", "masking"];
+    const ALL: &[&str] = &["tcp", "postgres", "http", "audit", "masking"];
     match which {
         "all" => {
             for b in ALL {
@@ -21,6 +22,7 @@ pub fn run(which: &str) -> Result<()> {
         "tcp" => tcp::run(),
         "http" => http::run(),
         "masking" => masking::run(),
+        "postgres" => postgres::run(),
         other => bail!("unknown benchmark `{other}` (available: {})", ALL.join(", ")),
     }
 }
