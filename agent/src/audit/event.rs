@@ -267,4 +267,12 @@ pub enum Event {
         dst: OrigDst,
         caller: CallerInfo,
     },
+    /// One ref a git push changes, with the decision on it (recorded
+    /// before the push is forwarded or refused).
+    GitRefUpdate {
+        session: SessionId,
+        repo: String,
+        update: RefUpdate,
+        decision: DecisionInfo,
+    },
 }

@@ -299,6 +299,167 @@ pub fn decide_http(policy: &Policy, role: Option<&str>, target: &Target, req: &H
     }
 }
 
+/// The two services of git's smart HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GitService {
+    /// `git-upload-pack`: fetch, clone, ls-remote.
+    UploadPack,
+    /// `git-receive-pack`: push.
+    ReceivePack,
+}
+
+impl GitService {
+    pub fn name(self) -> &'static str {
+        match self {
+            GitService::UploadPack => "git-upload-pack",
+            GitService::ReceivePack => "git-receive-pack",
+        }
+    }
+    pub fn parse(s: &str) -> Option<GitService> {
+        match s {
+            "git-upload-pack" => Some(GitService::UploadPack),
+            "git-receive-pack" => Some(GitService::ReceivePack),
+            _ => None,
+        }
+    }
+}
+
+/// What one command of a push does to its ref.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefKind {
+    Create,
+    /// An update proven fast-forward.
+    Update,
+    /// An update not proven fast-forward.
+    Force,
+    Delete,
+}
+
+impl RefKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RefKind::Create => "create",
+            RefKind::Update => "update",
+            RefKind::Force => "force",
+            RefKind::Delete => "delete",
+        }
+    }
+}
+
+/// A git request as the decision sees it. A push with no ref changes is
+/// the ref discovery before a push (or git's probe).
+#[derive(Debug, Clone)]
+pub struct GitRequest<'a> {
+    pub service: GitService,
+    /// The repository path (`org/app.git`), without a leading `/`.
+    pub repo: &'a str,
+    pub refs: &'a [(&'a str, RefKind)],
+}
+
+/// The decision on a git request: overall (the worst of its refs) and per
+/// ref, in the request's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitDecision {
+    pub decision: Decision,
+    pub refs: Vec<Decision>,
+    /// Largest push buffered.
+    pub max_body: u64,
+}
+
+/// Decides a git request. The first `repos` entry whose path matches the
+/// repository decides (none: denied). Fetch needs `fetch = true`; the ref
+/// discovery before a push needs some push right. Each ref change needs
+/// its ref in `create`, `update` or `delete` by kind; a force push needs
+/// the ref in `update` and then gets `force` (allow, deny, approve); an
+/// allowed change to a ref in `approve` is held. A push is as dangerous as
+/// its worst ref.
+pub fn decide_git(policy: &Policy, role: Option<&str>, target: &Target, req: &GitRequest<'_>) -> GitDecision {
+    let plain = |decision| GitDecision { decision, refs: Vec::new(), max_body: DEFAULT_GIT_MAX_BODY };
+    let (role, rule) = match rule_of(policy, role, target) {
+        Err(d) => return plain(d),
+        Ok(x) => x,
+    };
+    let rref = rule_ref(role, rule);
+    let Some(git) = rule.git.as_ref() else {
+        return plain(Decision::deny(Some(&role.name), rref, format!("target {} is not a git target", target.name)));
+    };
+    let timeout = rule.approval_timeout;
+    let decision = |verdict, at: String, reason: String| Decision {
+        verdict,
+        role: Some(role.name.clone()),
+        rule: at,
+        reason,
+        mask: Vec::new(),
+        approval_timeout: timeout,
+    };
+    let out = |d: Decision, refs| GitDecision { decision: d, refs, max_body: git.max_body };
+    let Some(repo) = git.repos.iter().find(|r| r.path.matches(req.repo)) else {
+        return out(
+            decision(Verdict::Deny, rref, format!("repository {} matches no `repos` entry (default deny)", req.repo)),
+            Vec::new(),
+        );
+    };
+    let rref = format!("{rref}.repos[{}]", repo.index);
+    match req.service {
+        GitService::UploadPack => {
+            let d = if repo.fetch {
+                decision(Verdict::Allow, rref, format!("fetch from {} is allowed", req.repo))
+            } else {
+                decision(Verdict::Deny, rref, format!("fetch from {} is not allowed (fetch = false)", req.repo))
+            };
+            return out(d, Vec::new());
+        }
+        GitService::ReceivePack if req.refs.is_empty() => {
+            let d = if repo.can_push() {
+                decision(Verdict::Allow, rref, format!("push to {} may be allowed", req.repo))
+            } else {
+                decision(Verdict::Deny, rref, format!("no ref of {} may be pushed", req.repo))
+            };
+            return out(d, Vec::new());
+        }
+        GitService::ReceivePack => {}
+    }
+    let find = |list: &[GitGlob], name: &str| list.iter().find(|g| g.matches(name)).map(|g| g.text.clone());
+    let mut refs = Vec::new();
+    for &(name, kind) in req.refs {
+        let (list, key) = match kind {
+            RefKind::Create => (&repo.create, "create"),
+            RefKind::Update | RefKind::Force => (&repo.update, "update"),
+            RefKind::Delete => (&repo.delete, "delete"),
+        };
+        let (mut verdict, mut reason) = match find(list, name) {
+            None => (Verdict::Deny, format!("{} of {name} is not allowed ({name} is not in {key})", kind.name())),
+            Some(g) => (Verdict::Allow, format!("{} of {name} matches \"{g}\" in {key}", kind.name())),
+        };
+        if verdict == Verdict::Allow && kind == RefKind::Force {
+            match repo.force {
+                ForcePolicy::Allow => reason = format!("force push to {name} is allowed (force = allow)"),
+                ForcePolicy::Deny => {
+                    verdict = Verdict::Deny;
+                    reason = format!("force push to {name} is not allowed (force = deny)");
+                }
+                ForcePolicy::Approve => {
+                    verdict = Verdict::Approve;
+                    reason = format!("force push to {name} needs approval (force = approve)");
+                }
+            }
+        }
+        if verdict == Verdict::Allow {
+            if let Some(g) = find(&repo.approve, name) {
+                verdict = Verdict::Approve;
+                reason = format!("{} of {name} needs approval (\"{g}\" in approve)", kind.name());
+            }
+        }
+        refs.push(decision(verdict, rref.clone(), reason));
+    }
+    let worst = refs.iter().max_by_key(|d| d.verdict).cloned().expect("refs is not empty");
+    // The first ref with the worst verdict explains the push.
+    let first = refs.iter().find(|d| d.verdict == worst.verdict).cloned().expect("present");
+    out(first, refs)
+}
+
 pub fn rule_ref(role: &Role, rule: &Rule) -> String {
     format!("roles.{}.rules[{}]", role.name, rule.index)
 }
@@ -661,6 +822,125 @@ target = "api"
         assert_eq!(d("reader", &req(&["ddl"], &["public.t"], &[])).verdict, Verdict::Approve);
         assert_eq!(d("reader", &req(&["ddl"], &["public.secrets"], &[])).verdict, Verdict::Deny);
         assert_eq!(d("reader", &req(&[], &[], &[])).verdict, Verdict::Deny, "no class: denied");
+    }
+
+    const GIT_POLICY: &str = r#"
+version = 1
+
+[[targets]]
+name = "forge"
+protocol = "git"
+match = ["127.1.0.2:443"]
+hosts = ["git.example.test"]
+
+[[roles]]
+name = "agent"
+[[roles.rules]]
+target = "forge"
+max_body = "1MiB"
+[[roles.rules.repos]]
+path = "org/locked.git"
+fetch = true
+[[roles.rules.repos]]
+path = "org/*.git"
+fetch = true
+create = ["refs/heads/feature/*", "refs/tags/v*"]
+update = ["refs/heads/feature/*", "refs/heads/main"]
+delete = ["refs/heads/feature/tmp-*"]
+approve = ["refs/heads/main"]
+force = "approve"
+[[roles.rules.repos]]
+path = "sandbox/**"
+create = ["refs/**"]
+update = ["refs/**"]
+delete = ["refs/**"]
+force = "allow"
+
+[[roles]]
+name = "strict"
+[[roles.rules]]
+target = "forge"
+[[roles.rules.repos]]
+path = "**"
+fetch = true
+update = ["refs/heads/feature/*"]
+"#;
+
+    fn git(role: &str, service: GitService, repo: &str, refs: &[(&str, RefKind)]) -> GitDecision {
+        let p = parse(GIT_POLICY).expect("git policy parses");
+        let t = p.target("forge").unwrap().clone();
+        decide_git(&p, Some(role), &t, &GitRequest { service, repo, refs })
+    }
+
+    #[test]
+    fn git_fetch_and_discovery() {
+        use GitService::*;
+        let d = git("agent", UploadPack, "org/app.git", &[]);
+        assert_eq!(d.decision.verdict, Verdict::Allow);
+        assert_eq!(d.decision.rule, "roles.agent.rules[0].repos[1]");
+        assert_eq!(d.max_body, 1 << 20);
+        assert_eq!(git("agent", UploadPack, "sandbox/x/y.git", &[]).decision.verdict, Verdict::Deny, "fetch = false");
+        assert_eq!(git("agent", UploadPack, "other/app.git", &[]).decision.verdict, Verdict::Deny, "no entry");
+        assert_eq!(git("agent", UploadPack, "org/sub/app.git", &[]).decision.verdict, Verdict::Deny, "`*` is one part");
+        // The first matching entry decides: locked has no push rights.
+        let d = git("agent", ReceivePack, "org/locked.git", &[]);
+        assert_eq!(d.decision.verdict, Verdict::Deny);
+        assert!(d.decision.reason.contains("no ref"), "{}", d.decision.reason);
+        assert_eq!(git("agent", ReceivePack, "org/app.git", &[]).decision.verdict, Verdict::Allow);
+        assert_eq!(git("nobody", UploadPack, "org/app.git", &[]).decision.verdict, Verdict::Deny);
+    }
+
+    #[test]
+    fn git_ref_updates_by_kind() {
+        use GitService::ReceivePack as P;
+        use RefKind::*;
+        let v = |name: &str, kind| git("agent", P, "org/app.git", &[(name, kind)]).decision.verdict;
+        assert_eq!(v("refs/heads/feature/a", Create), Verdict::Allow);
+        assert_eq!(v("refs/heads/feature/a", Update), Verdict::Allow);
+        assert_eq!(v("refs/heads/feature/a", Force), Verdict::Approve, "force = approve");
+        assert_eq!(v("refs/heads/feature/a", Delete), Verdict::Deny);
+        assert_eq!(v("refs/heads/feature/tmp-1", Delete), Verdict::Allow);
+        assert_eq!(v("refs/heads/feature/a/b", Create), Verdict::Deny, "`*` stays within one component");
+        assert_eq!(v("refs/heads/main", Update), Verdict::Approve, "main is in approve");
+        assert_eq!(v("refs/heads/main", Create), Verdict::Deny, "main is not in create");
+        assert_eq!(v("refs/tags/v1", Create), Verdict::Allow);
+        assert_eq!(v("refs/tags/v1", Update), Verdict::Deny);
+        let s = |name: &str, kind| git("strict", P, "any/where.git", &[(name, kind)]).decision;
+        let d = s("refs/heads/feature/x", Force);
+        assert_eq!(d.verdict, Verdict::Deny, "force defaults to deny");
+        assert!(d.reason.contains("force = deny"), "{}", d.reason);
+        assert_eq!(s("refs/heads/feature/x", Update).verdict, Verdict::Allow);
+        let d = s("refs/heads/main", Update);
+        assert!(d.reason.contains("not in update"), "{}", d.reason);
+        let sb = |name: &str, kind| git("agent", P, "sandbox/a/b.git", &[(name, kind)]).decision.verdict;
+        assert_eq!(sb("refs/heads/main", Force), Verdict::Allow, "force = allow");
+        assert_eq!(sb("refs/notes/x", Delete), Verdict::Allow);
+    }
+
+    #[test]
+    fn git_push_is_as_bad_as_its_worst_ref() {
+        use RefKind::*;
+        let refs = [("refs/heads/feature/a", Update), ("refs/heads/main", Update), ("refs/heads/x", Create)];
+        let d = git("agent", GitService::ReceivePack, "org/app.git", &refs);
+        assert_eq!(d.refs.len(), 3);
+        assert_eq!(
+            d.refs.iter().map(|d| d.verdict).collect::<Vec<_>>(),
+            [Verdict::Allow, Verdict::Approve, Verdict::Deny]
+        );
+        assert_eq!(d.decision.verdict, Verdict::Deny);
+        assert!(d.decision.reason.contains("refs/heads/x"), "{}", d.decision.reason);
+        let d = git("agent", GitService::ReceivePack, "org/app.git", &refs[..2]);
+        assert_eq!(d.decision.verdict, Verdict::Approve);
+        assert!(d.decision.reason.contains("refs/heads/main"), "{}", d.decision.reason);
+    }
+
+    #[test]
+    fn git_decision_on_another_protocol_is_denied() {
+        let p = parse(HTTP_POLICY).unwrap();
+        let t = p.target("api").unwrap();
+        let d = decide_git(&p, Some("agent"), t, &GitRequest { service: GitService::UploadPack, repo: "a", refs: &[] });
+        assert_eq!(d.decision.verdict, Verdict::Deny);
+        assert!(d.decision.reason.contains("not a git target"));
     }
 
     #[test]

@@ -140,6 +140,25 @@ struct RawRule {
     deny_tables: Option<Spanned<Vec<Spanned<String>>>>,
     allow_functions: Option<Spanned<Vec<Spanned<String>>>>,
     deny_functions: Option<Spanned<Vec<Spanned<String>>>>,
+    /// git: the repository rules (`[[roles.rules.repos]]`).
+    repos: Option<Spanned<Vec<Spanned<RawRepo>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRepo {
+    path: Spanned<String>,
+    #[serde(default)]
+    fetch: bool,
+    #[serde(default)]
+    create: Vec<Spanned<String>>,
+    #[serde(default)]
+    update: Vec<Spanned<String>>,
+    #[serde(default)]
+    delete: Vec<Spanned<String>>,
+    #[serde(default)]
+    approve: Vec<Spanned<String>>,
+    force: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -550,6 +569,18 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
         }
         let classes = target.protocol.request_classes();
         let is_http = target.protocol == Protocol::Http;
+        let is_git = target.protocol == Protocol::Git;
+        if is_git {
+            if let Some(c) = raw.allow.iter().chain(&raw.approve).chain(&raw.deny).next() {
+                errs.at_span(
+                    c,
+                    format!(
+                        "git rules do not take allow/approve/deny lists; use [[roles.rules.repos]] entries (`{}` is git)",
+                        target.name
+                    ),
+                );
+            }
+        }
         let mut lists: [Vec<String>; 3] = Default::default();
         let mut http_lists: [Vec<HttpPattern>; 3] = Default::default();
         for ((list, http_list), raw_list) in
@@ -608,8 +639,14 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
         });
         let websocket = raw.websocket.as_ref().map(|w| *w.get_ref());
         if !is_http {
-            if let Some(m) = &raw.max_body {
-                errs.at_span(m, format!("max_body applies to http targets; `{}` is {}", target.name, target.protocol));
+            if let (Some(m), false) = (&raw.max_body, is_git) {
+                errs.at_span(
+                    m,
+                    format!(
+                        "max_body applies to http targets and git targets; `{}` is {}",
+                        target.name, target.protocol
+                    ),
+                );
             }
             if let Some(w) = &raw.websocket {
                 errs.at_span(w, format!("websocket applies to http targets; `{}` is {}", target.name, target.protocol));
@@ -619,6 +656,17 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
             let [allow, approve, deny] = http_lists;
             HttpRule { allow, approve, deny, max_body, websocket: websocket.unwrap_or(false) }
         });
+        let git = match (is_git, raw.repos) {
+            (true, repos) => Some(GitRule {
+                repos: repos.map(|r| repo_rules(errs, r.into_inner())).unwrap_or_default(),
+                max_body: max_body.unwrap_or(DEFAULT_GIT_MAX_BODY),
+            }),
+            (false, Some(r)) => {
+                errs.at_span(&r, format!("repos applies to git targets; `{}` is {}", target.name, target.protocol));
+                None
+            }
+            (false, None) => None,
+        };
         let [allow, approve, deny] = lists;
         let (masks, mask_plan) = masks(errs, policy, target, &raw.target, &raw.mask);
         let mut names = |key: &str, list: Option<Spanned<Vec<Spanned<String>>>>| -> Vec<NamePattern> {
@@ -658,9 +706,65 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
             deny_functions,
             approval_timeout,
             http,
+            git,
         });
     }
     (errs.list.len() == before).then(|| Role { name: r.name.into_inner(), rules })
+}
+
+/// Reads `[[roles.rules.repos]]` entries: a path glob, `fetch`, ref globs
+/// for `create`, `update`, `delete` and `approve`, and `force`.
+fn repo_rules(errs: &mut Errors<'_>, raw: Vec<Spanned<RawRepo>>) -> Vec<RepoRule> {
+    let mut out = Vec::new();
+    for (index, r) in raw.into_iter().enumerate() {
+        let r = r.into_inner();
+        let before = errs.list.len();
+        let path_text = r.path.get_ref().trim_start_matches('/');
+        let path = if path_text.is_empty() || path_text.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+            errs.at_span(
+                &r.path,
+                format!("repository path `{}` must be a relative path without `.`, `..` or `//`", r.path.get_ref()),
+            );
+            None
+        } else {
+            GitGlob::new(path_text).map_err(|e| errs.at_span(&r.path, e)).ok()
+        };
+        let mut globs = |list: &[Spanned<String>]| -> Vec<GitGlob> {
+            let mut v = Vec::new();
+            for g in list {
+                let t = g.get_ref();
+                if !t.starts_with("refs/") {
+                    errs.at_span(g, format!("ref pattern `{t}` must start with `refs/` (like `refs/heads/feature/*`)"));
+                    continue;
+                }
+                match GitGlob::new(t) {
+                    Ok(x) => v.push(x),
+                    Err(e) => errs.at_span(g, e),
+                }
+            }
+            v
+        };
+        let create = globs(&r.create);
+        let update = globs(&r.update);
+        let delete = globs(&r.delete);
+        let approve = globs(&r.approve);
+        let force = match r.force.as_ref().map(|f| f.get_ref().as_str()) {
+            None | Some("deny") => ForcePolicy::Deny,
+            Some("allow") => ForcePolicy::Allow,
+            Some("approve") => ForcePolicy::Approve,
+            Some(other) => {
+                errs.at_span(
+                    r.force.as_ref().expect("some"),
+                    format!("force must be \"allow\", \"deny\" or \"approve\", not \"{other}\""),
+                );
+                ForcePolicy::Deny
+            }
+        };
+        if let (Some(path), true) = (path, errs.list.len() == before) {
+            out.push(RepoRule { index, path, fetch: r.fetch, create, update, delete, approve, force });
+        }
+    }
+    out
 }
 
 /// Parses an HTTP rule entry: `*`, a class, or a class and a path glob.
@@ -1145,6 +1249,61 @@ allow_tables = ["x"]
         assert!(NamePattern::parse("*").unwrap().matches("pg_catalog.pg_authid"));
         assert!(NamePattern::parse("").is_err());
         assert!(NamePattern::parse("a.").is_err());
+    }
+
+    #[test]
+    fn git_repo_rules_are_checked_and_located() {
+        let src = r#"version = 1
+[[targets]]
+name = "forge"
+protocol = "git"
+match = ["127.1.0.2:443"]
+[[targets]]
+name = "c"
+protocol = "tcp"
+match = ["127.0.0.1:1"]
+[[roles]]
+name = "r"
+[[roles.rules]]
+target = "forge"
+allow = ["fetch"]
+max_body = "2MiB"
+[[roles.rules.repos]]
+path = "org/../x"
+[[roles.rules.repos]]
+path = "org/*.git"
+create = ["heads/x", "refs/heads/[", "refs/heads/ok/*"]
+force = "sometimes"
+[[roles.rules]]
+target = "c"
+allow = ["connect"]
+[[roles.rules.repos]]
+path = "x"
+"#;
+        let errs = errors(src);
+        assert!(has(&errs, 14, "do not take allow/approve/deny"), "{errs:?}");
+        assert!(has(&errs, 17, "must be a relative path"), "{errs:?}");
+        assert!(has(&errs, 20, "must start with `refs/`"), "{errs:?}");
+        assert!(has(&errs, 20, "bad pattern `refs/heads/[`"), "{errs:?}");
+        assert!(has(&errs, 21, "force must be"), "{errs:?}");
+        assert!(has(&errs, 25, "repos applies to git targets"), "{errs:?}");
+        assert!(!errs.iter().any(|e| e.message.contains("max_body")), "{errs:?}");
+        let src = "version = 1\n[[targets]]\nname = \"forge\"\nprotocol = \"git\"\nmatch = [\"127.1.0.2:443\"]\n[[roles]]\nname = \"r\"\n[[roles.rules]]\ntarget = \"forge\"\n[[roles.rules.repos]]\npath = \"a/**\"\nsurprise = true\n";
+        assert!(has(&errors(src), 12, "unknown field `surprise`"), "{:?}", errors(src));
+    }
+
+    #[test]
+    fn git_repo_rules_compile() {
+        let src = "version = 1\n[[targets]]\nname = \"forge\"\nprotocol = \"git\"\nmatch = [\"127.1.0.2:443\"]\n[[roles]]\nname = \"r\"\n[[roles.rules]]\ntarget = \"forge\"\n[[roles.rules.repos]]\npath = \"/org/*.git\"\nfetch = true\nupdate = [\"refs/heads/feature/**\"]\nforce = \"approve\"\n";
+        let p = parse(src).expect("valid");
+        let git = p.role("r").unwrap().rules[0].git.clone().expect("git part");
+        assert_eq!(git.max_body, DEFAULT_GIT_MAX_BODY);
+        let repo = &git.repos[0];
+        assert!(repo.path.matches("org/app.git"));
+        assert!(repo.fetch && repo.can_push());
+        assert_eq!(repo.force, ForcePolicy::Approve);
+        assert!(repo.update[0].matches("refs/heads/feature/a/b"));
+        assert!(!repo.update[0].matches("refs/heads/main"));
     }
 
     #[test]

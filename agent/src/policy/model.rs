@@ -117,7 +117,9 @@ impl Protocol {
             Protocol::Http => {
                 &["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "CONNECT", "TRACE", "read", "write"]
             }
-            Protocol::Git => &["fetch", "push", "create", "update", "delete", "force-push"],
+            // What a `[[roles.rules.repos]]` entry decides: fetching, and
+            // each ref update of a push by its kind.
+            Protocol::Git => &["fetch", "create", "update", "delete", "force"],
         }
     }
 }
@@ -406,6 +408,9 @@ pub struct Rule {
     /// HTTP targets: the compiled request patterns and limits.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpRule>,
+    /// git targets: the repository rules and the push size limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub git: Option<GitRule>,
 }
 
 /// The HTTP side of a rule: the `allow`, `approve` and `deny` entries
@@ -609,5 +614,77 @@ fn wildcard(pattern: &[Segment], s: &str) -> bool {
             }
             s.char_indices().map(|(i, _)| i).chain([s.len()]).any(|i| wildcard(rest, &s[i..]))
         }
+    }
+}
+
+/// Largest push (request body) a git target buffers when its rule sets no
+/// `max_body`: the pack is read whole before anything is forwarded.
+pub const DEFAULT_GIT_MAX_BODY: u64 = 100 << 20;
+
+/// The git side of a rule: `[[roles.rules.repos]]` entries, first match
+/// wins, and the largest push buffered.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GitRule {
+    pub repos: Vec<RepoRule>,
+    pub max_body: u64,
+}
+
+/// What a role may do to the repositories whose path matches `path`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RepoRule {
+    /// Position in the rule's `repos` list.
+    pub index: usize,
+    /// Glob on the repository path (`org/*.git`, `**`).
+    pub path: GitGlob,
+    /// Whether fetch and clone (upload-pack) are allowed.
+    pub fetch: bool,
+    /// Refs that may be created, updated (fast-forward) or deleted.
+    pub create: Vec<GitGlob>,
+    pub update: Vec<GitGlob>,
+    pub delete: Vec<GitGlob>,
+    /// Refs whose every change is held for approval (when otherwise allowed).
+    pub approve: Vec<GitGlob>,
+    /// What a non-fast-forward update of a ref in `update` gets.
+    pub force: ForcePolicy,
+}
+
+impl RepoRule {
+    /// Whether the entry lets anything be pushed at all.
+    pub fn can_push(&self) -> bool {
+        !(self.create.is_empty() && self.update.is_empty() && self.delete.is_empty())
+    }
+}
+
+/// How force pushes (updates not proven fast-forward) are treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForcePolicy {
+    Allow,
+    Deny,
+    Approve,
+}
+
+/// A glob over a repository path or a ref name: `*` within one `/`
+/// component, `**` across them.
+#[derive(Debug, Clone, Serialize)]
+pub struct GitGlob {
+    /// As written in the policy.
+    pub text: String,
+    #[serde(skip)]
+    pub glob: GlobMatcher,
+}
+
+impl GitGlob {
+    pub fn new(text: &str) -> Result<GitGlob, String> {
+        let glob = globset::GlobBuilder::new(text)
+            .literal_separator(true)
+            .backslash_escape(true)
+            .build()
+            .map_err(|e| format!("bad pattern `{text}`: {e}"))?
+            .compile_matcher();
+        Ok(GitGlob { text: text.to_string(), glob })
+    }
+    pub fn matches(&self, s: &str) -> bool {
+        self.glob.is_match(s)
     }
 }

@@ -1,6 +1,7 @@
 //! Protocol modules: each terminates the caller's side, opens the upstream
 //! side, and decides request by request. `tcp` is opaque: one decision per
 //! connection.
+pub mod git;
 pub mod http;
 pub mod postgres;
 pub mod tcp;
@@ -48,11 +49,7 @@ pub async fn serve(session: &Session, client: TcpStream, admission: Decision) ->
         Protocol::Tcp => tcp::serve(session, client, admission).await,
         Protocol::Http => http::serve(session, client, admission).await,
         Protocol::Postgres => postgres::serve(session, client, admission).await,
-        other => {
-            // Fail closed for a protocol this build cannot decode.
-            drop(client);
-            Outcome::reason(format!("protocol {other} is not supported by this build; connection refused"))
-        }
+        Protocol::Git => git::serve(session, client, admission).await,
     }
 }
 
