@@ -635,3 +635,270 @@ impl Drop for PgServer {
         let _ = self.child.wait();
     }
 }
+
+/// One request a [`GitServer`] saw.
+#[derive(Debug, Clone, Default)]
+pub struct GitSeen {
+    pub method: String,
+    /// Path and query as received.
+    pub uri: String,
+    /// The Authorization header, if any.
+    pub authorization: Option<String>,
+    /// The status it answered.
+    pub status: u16,
+}
+
+#[derive(Default)]
+struct GitState {
+    seen: std::sync::Mutex<Vec<GitSeen>>,
+}
+
+/// The real `git http-backend` (as CGI) behind a small HTTP/1.1 + HTTP/2
+/// server on loopback, plain or TLS with its own test CA. Repositories live
+/// under `root` (`GIT_PROJECT_ROOT`, all exported, pushes enabled). When
+/// `auth` is set, requests without exactly that Authorization header get
+/// 401. Every request is recorded with the Authorization it carried.
+pub struct GitServer {
+    pub addr: SocketAddr,
+    pub ca_file: Option<std::path::PathBuf>,
+    pub root: std::path::PathBuf,
+    state: Arc<GitState>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl GitServer {
+    pub fn plain(auth: Option<&str>) -> GitServer {
+        GitServer::start(None, auth)
+    }
+
+    pub fn tls(names: &[&str], auth: Option<&str>) -> GitServer {
+        GitServer::start(Some(names), auth)
+    }
+
+    fn start(names: Option<&[&str]>, auth: Option<&str>) -> GitServer {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repos");
+        std::fs::create_dir_all(&root).unwrap();
+        let (acceptor, ca_file) = match names {
+            None => (None, None),
+            Some(names) => {
+                let (cfg, ca_pem) = test_tls_config(names);
+                let ca_file = dir.path().join("test-ca.pem");
+                std::fs::write(&ca_file, ca_pem).unwrap();
+                (Some(tokio_rustls::TlsAcceptor::from(cfg)), Some(ca_file))
+            }
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(GitState::default());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let st = state.clone();
+        let auth = auth.map(str::to_string);
+        let project_root = root.clone();
+        let thread = thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let mut rx = rx;
+                loop {
+                    tokio::select! {
+                        _ = &mut rx => break,
+                        acc = listener.accept() => {
+                            let Ok((stream, peer)) = acc else { continue };
+                            let ctx = Arc::new((st.clone(), auth.clone(), project_root.clone(), peer));
+                            let acceptor = acceptor.clone();
+                            tokio::spawn(async move {
+                                match acceptor {
+                                    None => serve_git(stream, ctx).await,
+                                    Some(a) => {
+                                        if let Ok(tls) = a.accept(stream).await {
+                                            serve_git(tls, ctx).await;
+                                        }
+                                    }
+                                }
+                            });
+                        }
+                    }
+                }
+            });
+            rt.shutdown_background();
+        });
+        GitServer { addr, ca_file, root, state, shutdown: Some(tx), thread: Some(thread), _dir: dir }
+    }
+
+    /// Creates a bare repository `name` (like `org/app.git`) whose `main`
+    /// has one commit with `README`; returns its path.
+    pub fn create_repo(&self, name: &str) -> std::path::PathBuf {
+        let bare = self.root.join(name);
+        git_ok(None, &["init", "-q", "--bare", "-b", "main", bare.to_str().unwrap()]);
+        let work = tempfile::tempdir().unwrap();
+        let w = work.path();
+        git_ok(Some(w), &["init", "-q", "-b", "main"]);
+        std::fs::write(w.join("README"), "hello\n").unwrap();
+        git_ok(Some(w), &["add", "README"]);
+        git_ok(Some(w), &["commit", "-q", "-m", "first"]);
+        git_ok(Some(w), &["push", "-q", bare.to_str().unwrap(), "main"]);
+        bare
+    }
+
+    /// The id a ref has in repository `name`, or None.
+    pub fn rev(&self, name: &str, r: &str) -> Option<String> {
+        let out = std::process::Command::new("git")
+            .args(["--git-dir", self.root.join(name).to_str().unwrap(), "rev-parse", "--verify", "-q", r])
+            .output()
+            .unwrap();
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    pub fn requests(&self) -> Vec<GitSeen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for GitServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs git with a fixed identity and no user or system configuration.
+pub fn git_ok(dir: Option<&std::path::Path>, args: &[&str]) -> String {
+    let mut cmd = std::process::Command::new("git");
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    let out = cmd.args(args).envs(git_env()).output().expect("run git");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Environment for a git that reads no user or system configuration.
+pub fn git_env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("GIT_CONFIG_NOSYSTEM", "1"),
+        ("GIT_CONFIG_GLOBAL", "/dev/null"),
+        ("GIT_TERMINAL_PROMPT", "0"),
+        ("GIT_AUTHOR_NAME", "Test"),
+        ("GIT_AUTHOR_EMAIL", "test@example.test"),
+        ("GIT_COMMITTER_NAME", "Test"),
+        ("GIT_COMMITTER_EMAIL", "test@example.test"),
+    ]
+}
+
+type GitCtx = Arc<(Arc<GitState>, Option<String>, std::path::PathBuf, SocketAddr)>;
+
+async fn serve_git<S>(stream: S, ctx: GitCtx)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, std::convert::Infallible>(git_cgi(req, ctx).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+}
+
+async fn git_cgi(req: hyper::Request<hyper::body::Incoming>, ctx: GitCtx) -> hyper::Response<TestBody> {
+    use http_body_util::BodyExt;
+    let (state, auth, root, peer) = &*ctx;
+    let header = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let mut seen = GitSeen {
+        method: req.method().to_string(),
+        uri: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        authorization: header("authorization"),
+        status: 0,
+    };
+    let reply = |status: u16, body: &str| {
+        hyper::Response::builder()
+            .status(status)
+            .header("content-type", "text/plain")
+            .header("www-authenticate", "Basic realm=\"git\"")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())).map_err(|e| match e {}).boxed())
+            .unwrap()
+    };
+    if let Some(want) = auth {
+        if seen.authorization.as_deref() != Some(want.as_str()) {
+            seen.status = 401;
+            state.seen.lock().unwrap().push(seen);
+            return reply(401, "authentication required\n");
+        }
+    }
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let content_type = header("content-type");
+    let encoding = header("content-encoding");
+    let protocol = header("git-protocol");
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return reply(400, &format!("body: {e}")),
+    };
+    let mut cmd = tokio::process::Command::new("git");
+    cmd.arg("http-backend")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(git_env())
+        .env("GIT_PROJECT_ROOT", root)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("GIT_CONFIG_COUNT", "1")
+        .env("GIT_CONFIG_KEY_0", "http.receivepack")
+        .env("GIT_CONFIG_VALUE_0", "true")
+        .env("REQUEST_METHOD", &method)
+        .env("PATH_INFO", &path)
+        .env("QUERY_STRING", &query)
+        .env("CONTENT_LENGTH", body.len().to_string())
+        .env("REMOTE_ADDR", peer.ip().to_string())
+        .env("GATEWAY_INTERFACE", "CGI/1.1")
+        .env("SERVER_PROTOCOL", "HTTP/1.1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(ct) = content_type {
+        cmd.env("CONTENT_TYPE", ct);
+    }
+    if let Some(e) = encoding {
+        cmd.env("HTTP_CONTENT_ENCODING", e);
+    }
+    if let Some(p) = protocol {
+        cmd.env("GIT_PROTOCOL", p);
+    }
+    let mut child = cmd.spawn().expect("git http-backend");
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let _ = stdin.write_all(&body).await;
+    });
+    let out = child.wait_with_output().await.expect("git http-backend output");
+    let _ = writer.await;
+    let raw = out.stdout;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4));
+    let split = split.or_else(|| raw.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)));
+    let Some((end, sep)) = split else {
+        return reply(500, &format!("bad CGI output: {}", String::from_utf8_lossy(&out.stderr)));
+    };
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let mut resp = hyper::Response::builder();
+    let mut status = 200;
+    for line in head.lines() {
+        let Some((k, v)) = line.split_once(':') else { continue };
+        let v = v.trim();
+        if k.eq_ignore_ascii_case("status") {
+            status = v.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(500);
+        } else {
+            resp = resp.header(k.trim(), v);
+        }
+    }
+    seen.status = status;
+    state.seen.lock().unwrap().push(seen);
+    let body = bytes::Bytes::copy_from_slice(&raw[end + sep..]);
+    resp.status(status).body(http_body_util::Full::new(body).map_err(|e| match e {}).boxed()).unwrap()
+}

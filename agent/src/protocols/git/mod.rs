@@ -806,7 +806,9 @@ async fn check_advertisement(resp: Response<Body>, service: GitService) -> Respo
         }
     };
     match wire::parse_advertisement(&plain) {
-        Ok(adv) if adv.service == service.name() => Response::from_parts(parts, body::full(bytes)),
+        Ok(adv) if adv.service == service.name() || (adv.version == 2 && adv.service.is_empty()) => {
+            Response::from_parts(parts, body::full(bytes))
+        }
         Ok(adv) => text(
             StatusCode::BAD_GATEWAY,
             &format!("portcullis: the upstream advertised `{}` for `{}`\n", adv.service, service.name()),

@@ -275,11 +275,13 @@ pub fn parse_advertisement(buf: &[u8]) -> Result<Advertisement, WireError> {
     match pktline::read(buf, &mut pos)? {
         Some(Pkt::Data(d)) if pktline::chomp(d).starts_with(b"# service=") => {
             adv.service = String::from_utf8_lossy(&pktline::chomp(d)[10..]).into_owned();
+            if pktline::read(buf, &mut pos)? != Some(Pkt::Flush) {
+                return Err(malformed("no flush after the service line"));
+            }
         }
-        _ => return Err(malformed("the advertisement does not start with `# service=`")),
-    }
-    if pktline::read(buf, &mut pos)? != Some(Pkt::Flush) {
-        return Err(malformed("no flush after the service line"));
+        // Protocol v2 answers with its capabilities directly.
+        Some(Pkt::Data(d)) if pktline::chomp(d) == b"version 2" => pos = 0,
+        _ => return Err(malformed("the advertisement starts with neither `# service=` nor `version 2`")),
     }
     let mut first = true;
     loop {
@@ -462,6 +464,10 @@ mod tests {
         let adv = parse_advertisement(&v2).unwrap();
         assert_eq!(adv.version, 2);
         assert_eq!(adv.caps, vec!["ls-refs=unborn", "fetch=shallow"]);
+        // git http-backend leaves the service line out for v2.
+        let bare = &v2[v2.iter().position(|&b| b == b'\n').unwrap() + 1 + 4..];
+        let adv = parse_advertisement(bare).unwrap();
+        assert_eq!((adv.version, adv.service.as_str()), (2, ""));
 
         let mut trailing = buf.clone();
         trailing.extend_from_slice(b"junk");
