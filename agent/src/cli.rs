@@ -306,6 +306,14 @@ pub struct ExplainArgs {
     pub classes: Vec<String>,
     #[arg(long)]
     pub json: bool,
+    /// git targets: the repository path (`org/app.git`). Without `--ref`:
+    /// whether it may be fetched.
+    #[arg(long)]
+    pub repo: Option<String>,
+    /// git targets: a ref update of a push, `KIND:REF` with KIND one of
+    /// create, update (fast-forward), force, delete (repeatable).
+    #[arg(long = "ref", requires = "repo")]
+    pub git_refs: Vec<String>,
 }
 
 /// Exit codes: 0 ok, 1 failure, 2 policy errors / denied explanation.
@@ -585,8 +593,10 @@ async fn explain(a: ExplainArgs) -> anyhow::Result<i32> {
     let subject = Subject { scope: a.scope.clone(), unit: a.unit.clone(), cgroup: a.cgroup.clone() };
     let binding = binding_for(&policy, &subject);
     let role = binding.map(|b| b.role.as_str());
-    let classes: Vec<&str> = a.classes.iter().map(String::as_str).collect();
-    let decision = if classes.is_empty() {
+    let mut classes: Vec<&str> = a.classes.iter().map(String::as_str).collect();
+    let decision = if let Some(repo) = a.repo.as_deref() {
+        git_explain(&policy, role, target, repo, &a.git_refs, &mut classes)?
+    } else if classes.is_empty() {
         decide_session(&policy, role, target)
     } else {
         decide_classes(&policy, role, target, &classes)
@@ -617,6 +627,38 @@ async fn explain(a: ExplainArgs) -> anyhow::Result<i32> {
         }
     }
     Ok(if decision.is_allow() { 0 } else { 2 })
+}
+
+/// `policy explain --repo R [--ref KIND:REF ...]` on a git target.
+fn git_explain<'a>(
+    policy: &policy::Policy,
+    role: Option<&str>,
+    target: &policy::Target,
+    repo: &str,
+    refs: &'a [String],
+    shown: &mut Vec<&'a str>,
+) -> anyhow::Result<policy::Decision> {
+    use policy::{decide_git, GitRequest, GitService, RefKind};
+    let mut parsed = Vec::new();
+    for r in refs {
+        let (kind, name) = r.split_once(':').ok_or_else(|| anyhow::anyhow!("--ref takes KIND:REF, not `{r}`"))?;
+        let kind = match kind {
+            "create" => RefKind::Create,
+            "update" => RefKind::Update,
+            "force" => RefKind::Force,
+            "delete" => RefKind::Delete,
+            other => anyhow::bail!("unknown ref update kind `{other}` (create, update, force, delete)"),
+        };
+        parsed.push((name, kind));
+        shown.push(r.as_str());
+    }
+    let service = if parsed.is_empty() { GitService::UploadPack } else { GitService::ReceivePack };
+    let repo = repo.trim_start_matches('/');
+    let d = decide_git(policy, role, target, &GitRequest { service, repo, refs: &parsed });
+    for ((name, kind), rd) in parsed.iter().zip(&d.refs) {
+        eprintln!("  {} {name}: {} ({})", kind.name(), rd.verdict, rd.reason);
+    }
+    Ok(d.decision)
 }
 
 async fn exec(socket: &Path, a: ExecArgs) -> anyhow::Result<i32> {

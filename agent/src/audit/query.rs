@@ -348,6 +348,23 @@ pub fn replay_lines(records: &[SessionRecord]) -> Vec<(u64, String)> {
                     ),
                 ));
             }
+            "git_ref_update" => {
+                let u = &v["update"];
+                let d = &v["decision"];
+                out.push((
+                    t,
+                    format!(
+                        "  ref {} {} {}..{}: {} by {}: {}",
+                        s(&u["kind"]),
+                        s(&u["name"]),
+                        s(&u["old"]),
+                        s(&u["new"]),
+                        s(&d["verdict"]),
+                        s(&d["rule"]),
+                        s(&d["reason"])
+                    ),
+                ));
+            }
             "session_end" => out.push((
                 t,
                 format!(
