@@ -732,11 +732,21 @@ impl GitServer {
     /// Creates a bare repository `name` (like `org/app.git`) whose `main`
     /// has one commit with `README`; returns its path.
     pub fn create_repo(&self, name: &str) -> std::path::PathBuf {
+        self.create_repo_with(name, &[])
+    }
+
+    /// Same, with extra `git init` arguments (`--object-format=sha256`).
+    pub fn create_repo_with(&self, name: &str, init: &[&str]) -> std::path::PathBuf {
         let bare = self.root.join(name);
-        git_ok(None, &["init", "-q", "--bare", "-b", "main", bare.to_str().unwrap()]);
+        let mut args = vec!["init", "-q", "--bare", "-b", "main"];
+        args.extend_from_slice(init);
+        args.push(bare.to_str().unwrap());
+        git_ok(None, &args);
         let work = tempfile::tempdir().unwrap();
         let w = work.path();
-        git_ok(Some(w), &["init", "-q", "-b", "main"]);
+        let mut args = vec!["init", "-q", "-b", "main"];
+        args.extend_from_slice(init);
+        git_ok(Some(w), &args);
         std::fs::write(w.join("README"), "hello\n").unwrap();
         git_ok(Some(w), &["add", "README"]);
         git_ok(Some(w), &["commit", "-q", "-m", "first"]);

@@ -409,3 +409,26 @@ fn held_force_push_is_forwarded_when_approved_and_rejected_when_denied() {
         "{recs:#?}"
     );
 }
+
+#[test]
+fn sha256_repositories_are_walked_with_sha256_ids() {
+    let Some(f) = fixture() else { return };
+    f.tls.create_repo_with("org/new.git", &["--object-format=sha256"]);
+    let dir = f.clone("https://git.example.test/org/new.git");
+    git_ok(Some(&dir), &["checkout", "-q", "-b", "feature/s"]);
+    let s1 = commit(&dir, "s", b"s\n", "s");
+    assert_eq!(s1.len(), 64, "a SHA-256 repository");
+    let out = f.git(&dir, &["push", "-q", "origin", "feature/s"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), f.agent.log_text());
+    let s2 = commit(&dir, "s", b"s2\n", "s2");
+    let out = f.git(&dir, &["push", "-q", "origin", "feature/s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(f.tls.rev("org/new.git", "refs/heads/feature/s").as_deref(), Some(s2.as_str()));
+    git_ok(Some(&dir), &["commit", "-q", "--amend", "-m", "rewritten"]);
+    let out = f.git(&dir, &["push", "--force", "origin", "feature/s"]);
+    assert!(rejected(&out, "feature/s"), "{}", stderr(&out));
+    let recs = f.ref_records("refs/heads/feature/s");
+    let kinds: Vec<&str> = recs.iter().map(|r| r["update"]["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["create", "update", "force"], "{recs:#?}");
+    assert_eq!(recs[1]["update"]["old"], s1.as_str());
+}
