@@ -159,6 +159,14 @@ pub struct Ticket {
     wait: TicketWait,
 }
 
+impl Ticket {
+    /// Whether the answer is already known (a standing approval matched):
+    /// nobody needs to be asked.
+    pub fn is_settled(&self) -> bool {
+        matches!(self.wait, TicketWait::Ready(_))
+    }
+}
+
 enum TicketWait {
     Ready(Outcome),
     Pending { rx: oneshot::Receiver<Outcome>, timeout: Duration },

@@ -31,15 +31,30 @@ use tracing::{debug, warn};
 use super::{
     classify::{self, class, ClassifyError, FunctionUse, Namespace, StatementInfo},
     denial_message,
+    mask::{Columns, RowMasker},
     rows::{bind_fields, Pending, Tracker},
     wire::{self, cstr, cstr_utf8, i32_at, Frame, FrameReader, FrameWriter, Severity, WireError},
 };
 use crate::{
+    approvals::{self, HoldRequest},
     audit::{DecisionInfo, Event, RequestInfo},
+    enforcer::Stats,
     ids::SessionId,
+    masking::Mode,
     policy::{decide::rule_of, decide_sql, Decision, Policy, SqlRequest, Verdict},
     protocols::{Outcome, Session},
 };
+
+/// Bytes a caller may send while one of its statements is held; more ends
+/// the session (they would only pile up in memory).
+const HELD_INPUT: usize = 16 << 20;
+
+/// What masking a session needs: the column rules for the request side,
+/// and the masker for the response side.
+pub struct Masking {
+    pub columns: Columns,
+    pub rows: Option<RowMasker>,
+}
 
 /// Entries kept in the per-session classification cache.
 const CACHE_ENTRIES: usize = 512;
@@ -56,10 +71,12 @@ enum ProxyError {
     Unexpected(char),
     #[error("audit log unavailable: {0}")]
     Audit(String),
+    #[error("{0}")]
+    Masking(String),
 }
 
 /// Runs a started session until either side ends it.
-pub async fn run<C, U>(session: &Session, client: FrameReader<C>, upstream: FrameReader<U>) -> Outcome
+pub async fn run<C, U>(session: &Session, client: FrameReader<C>, upstream: FrameReader<U>, masking: Masking) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin + Send,
     U: AsyncRead + AsyncWrite + Unpin + Send,
@@ -69,6 +86,7 @@ where
     let (cr, cw) = tokio::io::split(c_stream);
     let (ur, uw) = tokio::io::split(u_stream);
     let (tx, rx) = mpsc::unbounded_channel();
+    let (oob_tx, oob_rx) = mpsc::unbounded_channel();
     let nonce = SessionId::random().0;
     let txn = Arc::new(AtomicU64::new(0));
     let mut front = Front {
@@ -85,12 +103,15 @@ where
         cycles: 0,
         txn: txn.clone(),
         deferred: false,
+        columns: masking.columns,
+        oob: oob_tx,
     };
     let mut back = Back {
         from: FrameReader::with_buffer(ur, u_buf),
         to: FrameWriter::new(cw),
         events: rx,
-        tracker: Tracker::default(),
+        tracker: Tracker::with_masker(masking.rows),
+        oob: oob_rx,
         marker: marker_prefix(nonce),
         bytes: 0,
         txn,
@@ -120,6 +141,8 @@ struct Prepared {
     info: Option<Arc<StatementInfo>>,
     /// Refused at Parse: executing it is refused too.
     denied: bool,
+    /// Needs a human's approval each time it is executed (the decision).
+    approve: Option<Decision>,
     /// The policy it was decided under.
     policy: Arc<Policy>,
 }
@@ -146,6 +169,19 @@ struct Front<'s, R, W> {
     /// Authorisations queued (not yet known to be on disk) inside the
     /// current transaction block.
     deferred: bool,
+    /// The role's column rules (computed fields, COPY out).
+    columns: Columns,
+    /// Messages for the caller outside the order of answers (notices of
+    /// held statements), written by the response side between messages.
+    oob: mpsc::UnboundedSender<Bytes>,
+}
+
+/// How a hold ended, for the statement that waited.
+enum Held {
+    Approved(String),
+    Refused(String),
+    /// The caller went away: the session ends.
+    Gone,
 }
 
 /// One statement's decision, before it is recorded.
@@ -164,7 +200,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                     self.to.flush().await?;
                     return Ok("client terminated");
                 }
-                self.handle(frame).await?;
+                if !self.handle(frame).await? {
+                    return Ok("client went away while a statement was held for approval");
+                }
             }
             self.to.flush().await?;
             if !self.from.fill().await? {
@@ -174,7 +212,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
     }
 
     fn expect(&mut self, p: Pending) {
-        if matches!(p, Pending::Query | Pending::Sync | Pending::FunctionCall | Pending::Denial { simple: true, .. }) {
+        if matches!(p, Pending::Query(_) | Pending::Sync | Pending::FunctionCall | Pending::Denial { simple: true, .. })
+        {
             self.cycles += 1;
         }
         // The response side outlives every send; a failure means it ended,
@@ -190,9 +229,20 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
         s >> 8 == self.cycles && (s & 0xff) as u8 == b'T'
     }
 
-    async fn handle(&mut self, frame: Frame) -> Result<(), ProxyError> {
+    /// Handles one caller message; `false` when the caller went away
+    /// while a statement was held.
+    async fn handle(&mut self, frame: Frame) -> Result<bool, ProxyError> {
         match frame.tag {
-            b'Q' => self.simple_query(frame).await,
+            b'Q' => return self.simple_query(frame).await,
+            b'E' => return self.execute(frame).await,
+            b'F' => return self.function_call(frame).await,
+            _ => {}
+        }
+        self.handle_other(frame).await.map(|()| true)
+    }
+
+    async fn handle_other(&mut self, frame: Frame) -> Result<(), ProxyError> {
+        match frame.tag {
             b'P' => self.parse(frame).await,
             b'B' => {
                 let (portal, statement, formats) = bind_fields(frame.body())?;
@@ -214,7 +264,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 self.to.push(&frame.raw);
                 Ok(())
             }
-            b'E' => self.execute(frame).await,
             b'C' => {
                 let mut body = frame.body();
                 let kind = *body.first().ok_or(WireError::Malformed("close"))?;
@@ -239,7 +288,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 self.to.push(&frame.raw);
                 Ok(())
             }
-            b'F' => self.function_call(frame).await,
             other => Err(ProxyError::Unexpected(other as char)),
         }
     }
@@ -283,7 +331,84 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
             let req = SqlRequest { classes, tables, functions };
             decide_sql(policy, self.session.role.as_deref(), &self.session.target, &req)
         };
-        Decided { info: Arc::new(info), decision: settle(decision) }
+        let decision = if decision.verdict != Verdict::Deny && self.columns.copy_refused(&info) {
+            Decision {
+                verdict: Verdict::Deny,
+                reason: "COPY out of a relation with masked columns is refused (SELECT it instead)".into(),
+                ..decision
+            }
+        } else {
+            decision
+        };
+        Decided { info: Arc::new(info), decision }
+    }
+
+    /// Holds a request for a human: tells the caller (a NoticeResponse with
+    /// the id, sent at once), waits for the answer, the rule's timeout or
+    /// the caller going away (input the caller sends meanwhile is kept for
+    /// after), and records the outcome.
+    async fn hold(&mut self, request: &str, shape: String, d: &Decision) -> Result<Held, ProxyError> {
+        // What came before the held statement goes on.
+        self.to.flush().await?;
+        let session = self.session;
+        let enforcer = &session.enforcer;
+        let ticket = enforcer.approvals.submit(HoldRequest {
+            session: session.id,
+            caller: session.caller.clone(),
+            role: session.role.clone(),
+            target: session.target.name.clone(),
+            protocol: "postgres".into(),
+            request: request.to_string(),
+            shape,
+            rule: d.rule.clone(),
+            timeout: d.approval_timeout,
+        });
+        let settled = ticket.is_settled();
+        if !settled {
+            let id = ticket.id;
+            let mut notice = BytesMut::new();
+            wire::notice_response(
+                &mut notice,
+                "01000",
+                &format!("statement awaits approval {id}; ask an approver: portcullis approvals approve {id}"),
+            );
+            let _ = self.oob.send(notice.freeze());
+            Stats::inc(&enforcer.stats.approvals_held);
+        }
+        let from = &mut self.from;
+        let gone = async move {
+            loop {
+                match from.fill().await {
+                    Ok(true) if from.buffered() <= HELD_INPUT => continue,
+                    _ => return,
+                }
+            }
+        };
+        let outcome = enforcer.approvals.wait(ticket, gone).await;
+        if !settled {
+            enforcer.stats.approvals_held.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(match outcome {
+            approvals::Outcome::Approved { .. } => Held::Approved(outcome.describe()),
+            approvals::Outcome::Cancelled => Held::Gone,
+            approvals::Outcome::Denied { .. } | approvals::Outcome::TimedOut => Held::Refused(outcome.describe()),
+        })
+    }
+
+    /// Turns a held decision into its final one.
+    fn settle(d: Decision, held: &Held) -> Decision {
+        if d.verdict != Verdict::Approve {
+            return d;
+        }
+        match held {
+            Held::Approved(why) => Decision { verdict: Verdict::Allow, reason: format!("{}: {why}", d.reason), ..d },
+            Held::Refused(why) => Decision { verdict: Verdict::Deny, reason: format!("{}: {why}", d.reason), ..d },
+            Held::Gone => Decision {
+                verdict: Verdict::Deny,
+                reason: format!("{}: the caller went away while held", d.reason),
+                ..d
+            },
+        }
     }
 
     /// A denial that names the role's rule for this target (or why there is
@@ -296,7 +421,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
         }
     }
 
-    async fn simple_query(&mut self, frame: Frame) -> Result<(), ProxyError> {
+    async fn simple_query(&mut self, frame: Frame) -> Result<bool, ProxyError> {
         let policy = self.session.enforcer.policy();
         let mut body = frame.body();
         let sql = match cstr_utf8(&mut body) {
@@ -305,7 +430,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 let d = self.fail_closed(&policy, "query text is not valid UTF-8");
                 self.record_unparsed("", &d);
                 self.deny(true, &d);
-                return Ok(());
+                return Ok(true);
             }
         };
         let classified = self.classify(sql);
@@ -314,20 +439,36 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 let d = self.fail_closed(&policy, &format!("{e}; SQL portcullis cannot read is denied"));
                 self.record_unparsed(sql, &d);
                 self.deny(true, &d);
-                return Ok(());
+                return Ok(true);
             }
             Ok(s) => s,
         };
-        let decided: Vec<Decided> = statements.iter().map(|s| self.decide(&policy, s)).collect();
-        let refused = decided.iter().position(|d| d.decision.verdict != Verdict::Allow);
+        let mut decided: Vec<Decided> = statements.iter().map(|s| self.decide(&policy, s)).collect();
         let single = decided.len() == 1;
+        let denied = decided.iter().any(|d| d.decision.verdict == Verdict::Deny);
+        if !denied && decided.iter().any(|d| d.decision.verdict == Verdict::Approve) {
+            let shape = decided.iter().map(|d| classify::shape(&d.info.sql)).collect::<Vec<_>>().join("; ");
+            let held = decided.iter().find(|d| d.decision.verdict == Verdict::Approve).expect("found").decision.clone();
+            let sql = sql.to_string();
+            let outcome = self.hold(&sql, shape, &held).await?;
+            decided = decided
+                .into_iter()
+                .map(|d| Decided { info: d.info, decision: Self::settle(d.decision, &outcome) })
+                .collect();
+            if matches!(outcome, Held::Gone) {
+                self.record_all(&decided, single.then_some(&sql)).await?;
+                return Ok(false);
+            }
+        }
+        let refused = decided.iter().position(|d| d.decision.verdict != Verdict::Allow);
         match refused {
             None => {
                 self.record_all(&decided, single.then_some(sql)).await?;
                 for d in &decided {
                     self.apply_namespace(&d.info, &policy);
                 }
-                self.expect(Pending::Query);
+                let computed = decided.iter().filter_map(|d| self.columns.computed(&d.info)).reduce(Mode::stricter);
+                self.expect(Pending::Query(computed));
                 self.to.push(&frame.raw);
             }
             Some(i) => {
@@ -352,7 +493,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 self.deny(true, &why);
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn parse(&mut self, frame: Frame) -> Result<(), ProxyError> {
@@ -377,20 +518,31 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
         };
         match statements.as_slice() {
             [] => {
-                self.prepared.insert(name, Prepared { info: None, denied: false, policy });
+                self.prepared.insert(name, Prepared { info: None, denied: false, approve: None, policy });
                 self.expect(Pending::Parse);
                 self.to.push(&frame.raw);
             }
             [one] => {
                 let d = self.decide(&policy, one);
+                if d.decision.verdict == Verdict::Approve {
+                    // Parsing runs nothing: the hold comes at Execute, so
+                    // that the whole batch waits and each run is approved.
+                    self.prepared.insert(
+                        name,
+                        Prepared { info: Some(d.info), denied: false, approve: Some(d.decision), policy },
+                    );
+                    self.expect(Pending::Parse);
+                    self.to.push(&frame.raw);
+                    return Ok(());
+                }
                 let sql = sql.to_string();
                 self.record_all(std::slice::from_ref(&d), Some(&sql)).await?;
                 if d.decision.verdict == Verdict::Allow {
-                    self.prepared.insert(name, Prepared { info: Some(d.info), denied: false, policy });
+                    self.prepared.insert(name, Prepared { info: Some(d.info), denied: false, approve: None, policy });
                     self.expect(Pending::Parse);
                     self.to.push(&frame.raw);
                 } else {
-                    self.prepared.insert(name, Prepared { info: Some(d.info), denied: true, policy });
+                    self.prepared.insert(name, Prepared { info: Some(d.info), denied: true, approve: None, policy });
                     self.deny(false, &d.decision);
                 }
             }
@@ -406,44 +558,72 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
     fn refuse_parse(&mut self, name: String, sql: &str, d: Decision) -> Result<(), ProxyError> {
         self.record_unparsed(sql, &d);
         let policy = self.session.enforcer.policy();
-        self.prepared.insert(name, Prepared { info: None, denied: true, policy });
+        self.prepared.insert(name, Prepared { info: None, denied: true, approve: None, policy });
         self.deny(false, &d);
         Ok(())
     }
 
-    async fn execute(&mut self, frame: Frame) -> Result<(), ProxyError> {
+    async fn execute(&mut self, frame: Frame) -> Result<bool, ProxyError> {
         let mut body = frame.body();
         let portal = String::from_utf8_lossy(cstr(&mut body)?).into_owned();
         let statement = self.portals.get(&portal).cloned();
+        let computed;
         if let Some(p) = statement.as_ref().and_then(|s| self.prepared.get(s)).cloned() {
             if p.denied {
                 let policy = self.session.enforcer.policy();
                 let d = self.fail_closed(&policy, "the statement of this portal was denied");
                 self.deny(false, &d);
-                return Ok(());
+                return Ok(true);
             }
             let policy = self.session.enforcer.policy();
+            let name = statement.clone().expect("found by name");
+            let mut held = p.approve.clone();
             if let (Some(info), false) = (&p.info, Arc::ptr_eq(&policy, &p.policy)) {
                 // The policy changed since Parse: decide again.
                 let d = self.decide(&policy, info);
-                self.record_all(std::slice::from_ref(&d), None).await?;
-                let name = statement.expect("found by name");
-                if d.decision.verdict != Verdict::Allow {
-                    self.prepared.insert(name, Prepared { info: p.info.clone(), denied: true, policy });
-                    self.deny(false, &d.decision);
-                    return Ok(());
+                match d.decision.verdict {
+                    Verdict::Deny => {
+                        self.record_all(std::slice::from_ref(&d), None).await?;
+                        self.prepared
+                            .insert(name, Prepared { info: p.info.clone(), denied: true, approve: None, policy });
+                        self.deny(false, &d.decision);
+                        return Ok(true);
+                    }
+                    Verdict::Approve => held = Some(d.decision),
+                    Verdict::Allow => {
+                        self.record_all(std::slice::from_ref(&d), None).await?;
+                        held = None;
+                    }
                 }
-                self.prepared.insert(name, Prepared { policy, ..p });
+                self.prepared.insert(name, Prepared { policy, approve: held.clone(), ..p.clone() });
             }
+            if let (Some(decision), Some(info)) = (held, &p.info) {
+                let outcome = self.hold(&info.sql, classify::shape(&info.sql), &decision).await?;
+                let d = Decided { info: info.clone(), decision: Self::settle(decision, &outcome) };
+                self.record_all(std::slice::from_ref(&d), None).await?;
+                match outcome {
+                    Held::Gone => return Ok(false),
+                    Held::Refused(_) => {
+                        self.deny(false, &d.decision);
+                        return Ok(true);
+                    }
+                    Held::Approved(_) => {}
+                }
+            }
+            computed = p.info.as_ref().and_then(|i| self.columns.computed(i));
+        } else {
+            // SQL cursors (decided at DECLARE): what they read is not known
+            // here.
+            computed = self.columns.unknown();
         }
         // Unknown portals are SQL cursors (decided at DECLARE) or do not
         // exist (the server says so).
-        self.expect(Pending::Execute(portal));
+        self.expect(Pending::Execute(portal, computed));
         self.to.push(&frame.raw);
-        Ok(())
+        Ok(true)
     }
 
-    async fn function_call(&mut self, frame: Frame) -> Result<(), ProxyError> {
+    async fn function_call(&mut self, frame: Frame) -> Result<bool, ProxyError> {
         let policy = self.session.enforcer.policy();
         let mut body = frame.body();
         let oid = i32_at(&mut body)? as u32;
@@ -458,7 +638,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
             namespace: Namespace::None,
             foreign: false,
         };
-        let d = self.decide(&policy, &info);
+        let mut d = self.decide(&policy, &info);
+        if d.decision.verdict == Verdict::Approve {
+            let outcome = self.hold(&d.info.sql, d.info.sql.clone(), &d.decision).await?;
+            d.decision = Self::settle(d.decision, &outcome);
+            if matches!(outcome, Held::Gone) {
+                self.record_all(std::slice::from_ref(&d), None).await?;
+                return Ok(false);
+            }
+        }
         self.record_all(std::slice::from_ref(&d), None).await?;
         if d.decision.verdict == Verdict::Allow {
             self.expect(Pending::FunctionCall);
@@ -466,15 +654,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
         } else {
             self.deny(true, &d.decision);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Effects of an allowed statement on the statement namespace.
     fn apply_namespace(&mut self, info: &Arc<StatementInfo>, policy: &Arc<Policy>) {
         match &info.namespace {
             Namespace::Prepare(name) => {
-                self.prepared
-                    .insert(name.clone(), Prepared { info: Some(info.clone()), denied: false, policy: policy.clone() });
+                self.prepared.insert(
+                    name.clone(),
+                    Prepared { info: Some(info.clone()), denied: false, approve: None, policy: policy.clone() },
+                );
             }
             Namespace::Deallocate(Some(name)) => {
                 self.prepared.remove(name);
@@ -536,6 +726,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 _ => d.info.sql.clone(),
             };
             debug!(session = %self.session.id, kind = d.info.kind, verdict = %d.decision.verdict, rule = %d.decision.rule, "statement");
+            self.count(&d.decision);
             let event = Event::Decision {
                 session: self.session.id,
                 request: RequestInfo::Postgres {
@@ -563,7 +754,19 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
         })
     }
 
+    /// Counts a statement's decision in the metrics.
+    fn count(&self, d: &Decision) {
+        let stats = &self.session.enforcer.stats;
+        stats.decision(d, &self.session.target.name, "postgres");
+        match d.verdict {
+            Verdict::Allow => Stats::inc(&stats.allowed),
+            Verdict::Deny => Stats::inc(&stats.denied),
+            Verdict::Approve => {}
+        }
+    }
+
     fn record_unparsed(&self, sql: &str, d: &Decision) {
+        self.count(d);
         self.session.enforcer.audit.record(Event::Decision {
             session: self.session.id,
             request: RequestInfo::Postgres {
@@ -595,24 +798,13 @@ fn transactional(info: &StatementInfo) -> bool {
         && info.functions.iter().all(|f| f.class.is_none() || f.class == Some(class::SESSION))
 }
 
-/// The one place a request waits on its decision. Approval holds are not
-/// available yet: a request that needs approval is denied, and says so.
-fn settle(d: Decision) -> Decision {
-    match d.verdict {
-        Verdict::Approve => Decision {
-            verdict: Verdict::Deny,
-            reason: format!("approval required ({}); approval holds are not available, so it is denied", d.reason),
-            ..d
-        },
-        Verdict::Allow | Verdict::Deny => d,
-    }
-}
-
 struct Back<R, W> {
     from: FrameReader<R>,
     to: FrameWriter<W>,
     events: mpsc::UnboundedReceiver<Pending>,
     tracker: Tracker,
+    /// Out-of-order messages for the caller (see `Front::oob`).
+    oob: mpsc::UnboundedReceiver<Bytes>,
     marker: String,
     bytes: u64,
     txn: Arc<AtomicU64>,
@@ -625,12 +817,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Back<R, W> {
             self.drain_events();
             while let Some(frame) = self.from.try_frame()? {
                 match frame.tag {
-                    b'D' => self.tracker.data_row(&frame, &mut self.to.buf),
+                    b'D' => self.tracker.data_row(&frame, &mut self.to.buf).map_err(ProxyError::Masking)?,
+                    b'd' => self.tracker.copy_data(&frame, &mut self.to.buf).map_err(ProxyError::Masking)?,
+                    b'N' => self.tracker.notice(&frame, &mut self.to.buf),
                     b'E' => {
                         self.drain_events();
                         match self.replacement(&frame) {
                             Some(r) => self.to.push(&r),
-                            None => self.to.push(&frame.raw),
+                            None => self.tracker.notice(&frame, &mut self.to.buf),
                         }
                         self.tracker.observe(&frame)?;
                     }
@@ -649,8 +843,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Back<R, W> {
             }
             self.bytes += self.to.buf.len() as u64;
             self.to.flush().await?;
-            if !self.from.fill().await? {
-                return Ok("upstream closed the connection");
+            tokio::select! {
+                filled = self.from.fill() => {
+                    if !filled? {
+                        return Ok("upstream closed the connection");
+                    }
+                }
+                Some(message) = self.oob.recv() => self.to.push(&message),
             }
         }
     }
@@ -698,22 +897,6 @@ mod tests {
         assert!(!changes_state(&info("SELECT 1").all_classes()));
         assert!(!changes_state(&info("BEGIN").all_classes()));
         assert!(!changes_state(&info("SET work_mem = '1MB'").all_classes()));
-    }
-
-    #[test]
-    fn approval_is_a_denial_that_says_so() {
-        let d = Decision {
-            verdict: Verdict::Approve,
-            role: Some("r".into()),
-            rule: "roles.r.rules[0]".into(),
-            reason: "ddl is in approve".into(),
-            mask: Vec::new(),
-            approval_timeout: std::time::Duration::from_secs(1),
-        };
-        let s = settle(d);
-        assert_eq!(s.verdict, Verdict::Deny);
-        assert!(s.reason.contains("approval required") && s.reason.contains("ddl is in approve"));
-        assert!(denial_message(&s).contains("roles.r.rules[0]"));
     }
 
     #[test]
