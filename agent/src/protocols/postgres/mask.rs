@@ -222,11 +222,35 @@ impl RowMasker {
     }
 
     /// Scrubs the fields of an ErrorResponse or NoticeResponse (`raw`).
-    pub fn fields(&mut self, tag: u8, raw: &[u8], out: &mut BytesMut) {
+    /// `strict`: the statement read masked columns, whose values an error
+    /// can quote (`invalid input syntax for type integer: "..."`): quoted
+    /// text in the message is redacted, and the detail, context and query
+    /// fields are withheld.
+    pub fn fields(&mut self, tag: u8, raw: &[u8], strict: bool, out: &mut BytesMut) {
         let body = &raw[5..];
         let mut changed = false;
         let mut fields: Vec<(u8, Vec<u8>)> = Vec::new();
         for (code, value) in wire::error_fields(body) {
+            if strict {
+                match code {
+                    b'D' | b'W' | b'q' | b'H' => {
+                        changed = true;
+                        fields.push((code, b"(withheld by portcullis: the statement read masked columns)".to_vec()));
+                        continue;
+                    }
+                    b'M' if value.contains(&b'"') => {
+                        changed = true;
+                        let quoted = redact_quoted(value);
+                        let mut masked = Vec::new();
+                        match self.masker.mask_text(&quoted, NullAs::Remove, &mut masked) {
+                            Outcome::Masked => fields.push((code, masked)),
+                            Outcome::Unchanged | Outcome::Null => fields.push((code, quoted)),
+                        }
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
             let mut masked = Vec::new();
             match self.masker.mask_text(value, NullAs::Remove, &mut masked) {
                 Outcome::Masked => {
@@ -242,6 +266,27 @@ impl RowMasker {
             out.extend_from_slice(raw);
         }
     }
+}
+
+/// Text with everything between double quotes replaced by `****`.
+fn redact_quoted(text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut inside = false;
+    for &b in text {
+        if b == b'"' {
+            if inside {
+                out.extend_from_slice(b"****");
+            }
+            inside = !inside;
+            out.push(b);
+        } else if !inside {
+            out.push(b);
+        }
+    }
+    if inside {
+        out.extend_from_slice(b"****");
+    }
+    out
 }
 
 /// A DataRow with every value NULL, for rows whose columns are unknown.
@@ -297,6 +342,16 @@ mod tests {
         assert!(!c.copy_refused(&info("COPY items TO STDOUT")));
         assert!(!c.copy_refused(&info("SELECT email FROM users")));
         assert_eq!(columns(&[]).computed(&info("SELECT upper(email) FROM users")), None);
+    }
+
+    #[test]
+    fn quoted_text_is_redacted() {
+        assert_eq!(
+            redact_quoted(br#"invalid input syntax for type integer: "ann@example.io""#),
+            br#"invalid input syntax for type integer: "****""#.to_vec()
+        );
+        assert_eq!(redact_quoted(br#"a "b" c "d"#), br#"a "****" c "****"#.to_vec());
+        assert_eq!(redact_quoted(b"no quotes"), b"no quotes".to_vec());
     }
 
     #[test]

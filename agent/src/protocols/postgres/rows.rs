@@ -246,8 +246,9 @@ impl Tracker {
 
     /// Errors and notices pass here: their text is scanned too.
     pub fn notice(&mut self, frame: &Frame, out: &mut BytesMut) {
+        let strict = self.computed().is_some();
         match &mut self.masker {
-            Some(m) if m.scans_text() => m.fields(frame.tag, &frame.raw, out),
+            Some(m) if m.scans_text() || strict => m.fields(frame.tag, &frame.raw, strict, out),
             _ => out.extend_from_slice(&frame.raw),
         }
     }
