@@ -5,7 +5,7 @@
 //! detectors run over text, and nothing clear reaches the caller or the
 //! audit log.
 use std::{
-    io::Write,
+    io::{BufRead, BufReader, Write},
     process::{Output, Stdio},
 };
 
@@ -73,7 +73,9 @@ role = "admin"
 
 struct Fixture {
     agent: Agent,
-    _pg: PgServer,
+    pg: PgServer,
+    pwfile: String,
+    keyfile: String,
 }
 
 fn fixture() -> Option<Fixture> {
@@ -102,9 +104,10 @@ fn fixture() -> Option<Fixture> {
     std::fs::write(&pwfile, format!("{APP_PASSWORD}\n")).unwrap();
     let keyfile = dir.path().join("mask.key");
     std::fs::write(&keyfile, "a-test-hash-key-of-enough-length\n").unwrap();
-    let agent = Agent::start(&policy(&pg, pwfile.to_str().unwrap(), keyfile.to_str().unwrap()));
+    let (pwfile, keyfile) = (pwfile.to_str().unwrap().to_string(), keyfile.to_str().unwrap().to_string());
+    let agent = Agent::start(&policy(&pg, &pwfile, &keyfile));
     std::mem::forget(dir);
-    Some(Fixture { agent, _pg: pg })
+    Some(Fixture { agent, pg, pwfile, keyfile })
 }
 
 fn psql(f: &Fixture, scope: &str, script: &str) -> Output {
@@ -255,4 +258,63 @@ fn copy_out_is_masked_or_refused_and_the_audit_log_holds_no_clear_value() {
     let log = serde_json::to_string(&f.agent.audit()).unwrap();
     assert!(no_email(&log), "the audit log holds a clear email");
     assert!(!log.contains(CARD) && !log.contains("123-45-6789") && !log.contains(APP_PASSWORD));
+}
+
+#[test]
+fn a_reload_that_changes_the_masks_closes_open_sessions() {
+    let Some(f) = fixture() else { return };
+    let bin = helper_bin("pg-client");
+    let mut cmd = f
+        .agent
+        .exec("analyst", &[bin.to_str().unwrap(), "query", "127.0.0.53", "5432", "whoever", "anything", "appdb"]);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run pg-client");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut connected = String::new();
+    stdout.read_line(&mut connected).unwrap();
+    assert!(connected.contains(r#""connected":true"#), "{connected}");
+    fn ask(
+        stdin: &mut std::process::ChildStdin,
+        stdout: &mut BufReader<std::process::ChildStdout>,
+        sql: &str,
+    ) -> Value {
+        stdin.write_all(format!("{sql}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("pg-client said: {line}"))
+    }
+    let base = policy(&f.pg, &f.pwfile, &f.keyfile);
+    let r = ask(&mut stdin, &mut stdout, "SELECT email FROM users WHERE id = 2");
+    assert!(r["ok"] == true && r["rows"][0][0].is_null(), "{r}");
+
+    // Another role's rule changes: this session's masks do not.
+    f.agent
+        .replace_policy(&base.replacen(
+            r#"name = "admin"
+[[roles.rules]]
+target = "app-db"
+allow = ["read","#,
+            r#"name = "admin"
+[[roles.rules]]
+target = "app-db"
+allow = ["utility", "read","#,
+            1,
+        ))
+        .unwrap();
+    let r = ask(&mut stdin, &mut stdout, "SELECT email FROM users WHERE id = 3");
+    assert!(r["ok"] == true && r["rows"][0][0].is_null(), "{r}");
+
+    // The analyst's masks change: the open session is closed.
+    let changed = base.replace(r#""detector:card"]"#, r#""detector:card", "detector:email"]"#);
+    assert_ne!(changed, base);
+    f.agent.replace_policy(&changed).unwrap();
+    let r = ask(&mut stdin, &mut stdout, "SELECT id FROM users WHERE id = 1");
+    assert_eq!(r["ok"], false, "{r}");
+    drop(stdin);
+    let _ = child.wait();
+    f.agent.wait_log("the session's masks changed with a policy reload");
+    let (out, err) = text(&psql(&f, "analyst", "SELECT email FROM users ORDER BY id;\n"));
+    assert_eq!(out, "****\n****\n****\n", "{err}");
 }

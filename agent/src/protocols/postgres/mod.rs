@@ -213,7 +213,8 @@ async fn masking(
     let rules = plan.column_rules();
     let resolved = mask::resolve(up, rules).await?;
     let rows = (masker.scans_text() || !rules.is_empty()).then(|| mask::RowMasker::new(masker, resolved));
-    Ok(proxy::Masking { columns: mask::Columns::new(rules), rows })
+    let source = proxy::mask_source(&policy, session);
+    Ok(proxy::Masking { columns: mask::Columns::new(rules), rows, source, policy })
 }
 
 /// Answers SSLRequest (with TLS from the local CA when the target offers it

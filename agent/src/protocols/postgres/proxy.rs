@@ -54,6 +54,20 @@ const HELD_INPUT: usize = 16 << 20;
 pub struct Masking {
     pub columns: Columns,
     pub rows: Option<RowMasker>,
+    /// What the masks were made from: the rule's `mask` entries and the
+    /// policy's `[masking]` section, under `policy`.
+    pub source: MaskSource,
+    pub policy: Arc<Policy>,
+}
+
+/// The inputs of a session's masks, compared after a reload.
+pub type MaskSource = Option<(Vec<String>, crate::masking::MaskSettings)>;
+
+/// The mask inputs of the session's rule under `policy` (None: no rule).
+pub fn mask_source(policy: &Policy, session: &Session) -> MaskSource {
+    rule_of(policy, session.role.as_deref(), &session.target)
+        .ok()
+        .map(|(_, r)| (r.mask.clone(), policy.masking.clone()))
 }
 
 /// Entries kept in the per-session classification cache.
@@ -105,6 +119,8 @@ where
         deferred: false,
         columns: masking.columns,
         oob: oob_tx,
+        mask_source: masking.source,
+        mask_policy: masking.policy,
     };
     let mut back = Back {
         from: FrameReader::with_buffer(ur, u_buf),
@@ -174,6 +190,9 @@ struct Front<'s, R, W> {
     /// Messages for the caller outside the order of answers (notices of
     /// held statements), written by the response side between messages.
     oob: mpsc::UnboundedSender<Bytes>,
+    /// The inputs of this session's masks, and the policy last checked.
+    mask_source: MaskSource,
+    mask_policy: Arc<Policy>,
 }
 
 /// How a hold ended, for the statement that waited.
@@ -200,6 +219,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                     self.to.flush().await?;
                     return Ok("client terminated");
                 }
+                if matches!(frame.tag, b'Q' | b'P' | b'E' | b'F') && !self.masks_current() {
+                    return Ok("a policy reload changed the session's masks; the session is closed");
+                }
                 if !self.handle(frame).await? {
                     return Ok("client went away while a statement was held for approval");
                 }
@@ -209,6 +231,21 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 return Ok("client closed the connection");
             }
         }
+    }
+
+    /// Whether the masks the session started with are still the rule's
+    /// (checked again only when the policy was reloaded).
+    fn masks_current(&mut self) -> bool {
+        let policy = self.session.enforcer.policy();
+        if Arc::ptr_eq(&policy, &self.mask_policy) {
+            return true;
+        }
+        if mask_source(&policy, self.session) != self.mask_source {
+            warn!(session = %self.session.id, "the session's masks changed with a policy reload; closing it");
+            return false;
+        }
+        self.mask_policy = policy;
+        true
     }
 
     fn expect(&mut self, p: Pending) {
