@@ -50,14 +50,14 @@ password = {{ file = "{pwfile}" }}
 name = "analyst"
 [[roles.rules]]
 target = "app-db"
-allow = ["read", "session", "transaction", "copy-out"]
+allow = ["read", "session", "transaction", "copy-out", "function-call"]
 mask = ["column:public.users.email", "column:users.ssn=hash", "detector:card"]
 
 [[roles]]
 name = "admin"
 [[roles.rules]]
 target = "app-db"
-allow = ["read", "session", "transaction", "copy-out"]
+allow = ["read", "session", "transaction", "copy-out", "function-call"]
 
 [[bindings]]
 scope = "analyst"
@@ -94,6 +94,7 @@ fn fixture() -> Option<Fixture> {
                (1, '{}', '123-45-6789', 'card {CARD} on file'),
                (2, '{}', '123-45-6789', 'order {NOT_A_CARD} shipped'),
                (3, '{}', '987-65-4321', 'nothing to see');
+             CREATE FUNCTION email_of(int) RETURNS text LANGUAGE sql AS 'SELECT email FROM users WHERE id = $1';
              CREATE TABLE notes (id int, body text);
              INSERT INTO notes VALUES (1, 'paid with {CARD}'), (2, 'ref {NOT_A_CARD}');",
             EMAILS[0], EMAILS[1], EMAILS[2]
@@ -169,6 +170,26 @@ fn columns_are_masked_for_the_masked_role_and_clear_for_another() {
     let (out, err) = text(&psql(&f, "analyst", script));
     assert!(no_email(&out) && no_email(&err), "{out}\n{err}");
     assert!(out.contains("alive") && out.contains("****"), "{out}\n{err}");
+    // Functions that read masked columns: by SQL, and by the FunctionCall
+    // message, whose result cannot be traced to a column.
+    let (out, err) = text(&psql(&f, "analyst", "SELECT email_of(1);\n"));
+    assert!(no_email(&out) && out.contains("****"), "{out}\n{err}");
+    let oid = f.pg.sql("appdb", "SELECT 'email_of'::regproc::oid");
+    let bin = helper_bin("pg-client");
+    for (scope, clear) in [("analyst", false), ("admin", true)] {
+        let out = f
+            .agent
+            .exec(scope, &[bin.to_str().unwrap(), "fncall", "127.0.0.53", "5432", "appdb", &oid])
+            .output()
+            .unwrap();
+        let v: Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+        if clear {
+            assert_eq!(v["fncall"]["values"][0], EMAILS[0], "{v}");
+        } else {
+            assert!(v["fncall"]["values"][0].is_null(), "{v}");
+        }
+    }
     // Columns that are not masked stay readable.
     let (out, _) = text(&psql(&f, "analyst", "SELECT id FROM users ORDER BY id;\n"));
     assert_eq!(out, "1\n2\n3\n");

@@ -208,6 +208,29 @@ impl RowMasker {
         Ok(())
     }
 
+    /// Masks a FunctionCallResponse (`raw`). Its value has no column to
+    /// trace and its format is the caller's choice: with column rules it is
+    /// withheld (NULL); else a value in which a detector or a credential is
+    /// found is withheld.
+    pub fn function_result(&mut self, raw: &[u8], out: &mut BytesMut) {
+        let body = &raw[5..];
+        let withhold = match body.get(4..) {
+            Some(value) if body.len() >= 4 && i32::from_be_bytes(body[..4].try_into().expect("4 bytes")) >= 0 => {
+                !self.columns.is_empty() || {
+                    self.scratch.clear();
+                    self.masker.mask_text(value, NullAs::Whole, &mut self.scratch) != Outcome::Unchanged
+                }
+            }
+            _ => false,
+        };
+        if withhold {
+            out.extend_from_slice(&[b'V', 0, 0, 0, 8]);
+            out.extend_from_slice(&(-1i32).to_be_bytes());
+        } else {
+            out.extend_from_slice(raw);
+        }
+    }
+
     /// Masks one text COPY row in place of `raw` (a CopyData frame).
     pub fn copy_row(&mut self, raw: &[u8], out: &mut BytesMut) {
         self.scratch.clear();

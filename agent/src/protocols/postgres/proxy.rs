@@ -857,6 +857,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Back<R, W> {
                     b'D' => self.tracker.data_row(&frame, &mut self.to.buf).map_err(ProxyError::Masking)?,
                     b'd' => self.tracker.copy_data(&frame, &mut self.to.buf).map_err(ProxyError::Masking)?,
                     b'N' => self.tracker.notice(&frame, &mut self.to.buf),
+                    b'V' => self.tracker.function_result(&frame, &mut self.to.buf),
                     b'E' => {
                         self.drain_events();
                         match self.replacement(&frame) {

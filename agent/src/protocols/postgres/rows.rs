@@ -244,6 +244,14 @@ impl Tracker {
         Ok(())
     }
 
+    /// A FunctionCallResponse passes here.
+    pub fn function_result(&mut self, frame: &Frame, out: &mut BytesMut) {
+        match &mut self.masker {
+            Some(m) => m.function_result(&frame.raw, out),
+            None => out.extend_from_slice(&frame.raw),
+        }
+    }
+
     /// Errors and notices pass here: their text is scanned too.
     pub fn notice(&mut self, frame: &Frame, out: &mut BytesMut) {
         let strict = self.computed().is_some();
