@@ -113,6 +113,7 @@ where
         prepared: HashMap::new(),
         portals: HashMap::new(),
         cache: HashMap::new(),
+        by_numbers: HashMap::new(),
         bytes: 0,
         cycles: 0,
         txn: txn.clone(),
@@ -146,6 +147,49 @@ where
     Outcome { reason, bytes_up: front.bytes, bytes_down: back.bytes }
 }
 
+/// A cache key for SQL text that stands for the same text with any
+/// unsigned numbers: each number becomes `\u{1}`. Only for text whose lexing is plain: no quotes of any kind, no
+/// dollar signs (parameters, dollar quoting), no backslashes, no comments
+/// and no control characters; otherwise `None` (cache by exact text only).
+/// A number is a run of digits, letters, `_` and `.` that starts with a
+/// digit not preceded by a name character (`t1` stays a name).
+fn numbers_key(sql: &str) -> Option<String> {
+    let b = sql.as_bytes();
+    if b.iter().any(|&c| {
+        matches!(c, b'\'' | b'"' | b'$' | b'\\' | b'`') || c < 0x20 && !matches!(c, b' ' | b'\t' | b'\n' | b'\r')
+    }) || sql.contains("--")
+        || sql.contains("/*")
+    {
+        return None;
+    }
+    let mut out = String::with_capacity(sql.len());
+    let mut i = 0;
+    let mut replaced = false;
+    while i < b.len() {
+        let c = b[i];
+        let after_name = i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_' || b[i - 1] >= 0x80);
+        if c.is_ascii_digit() && !after_name {
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'.') {
+                i += 1;
+            }
+            out.push('\u{1}');
+            replaced = true;
+            continue;
+        }
+        // Copy one UTF-8 character.
+        let len = match c {
+            0x00..=0x7f => 1,
+            0xc0..=0xdf => 2,
+            0xe0..=0xef => 3,
+            _ => 4,
+        };
+        let end = (i + len).min(b.len());
+        out.push_str(&sql[i..end]);
+        i = end;
+    }
+    replaced.then_some(out)
+}
+
 fn marker_prefix(nonce: u64) -> String {
     format!("pcx{nonce:016x}n")
 }
@@ -177,6 +221,8 @@ struct Front<'s, R, W> {
     /// Portal → statement.
     portals: HashMap<String, String>,
     cache: HashMap<Box<str>, Classified>,
+    /// Classifications by [`numbers_key`].
+    by_numbers: HashMap<Box<str>, Classified>,
     bytes: u64,
     /// Exchanges sent that end with ReadyForQuery.
     cycles: u64,
@@ -329,10 +375,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
         }
     }
 
-    /// Classifies SQL text, from the cache when seen before.
+    /// Classifies SQL text, from the cache when seen before: the same text,
+    /// or the same text but for its numbers (see [`numbers_key`]).
     fn classify(&mut self, sql: &str) -> Classified {
         if let Some(c) = self.cache.get(sql) {
             return c.clone();
+        }
+        let key = if sql.len() <= CACHE_TEXT { numbers_key(sql) } else { None };
+        if let Some(Ok(one)) = key.as_deref().and_then(|k| self.by_numbers.get(k)).map(|c| c.as_ref()) {
+            // The classification of the same statement with other numbers,
+            // with this statement's own text.
+            let info = StatementInfo { sql: sql.to_string(), ..one[0].clone() };
+            return Arc::new(Ok(vec![info]));
         }
         let c: Classified = Arc::new(classify::classify(sql));
         if sql.len() <= CACHE_TEXT {
@@ -340,6 +394,22 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 self.cache.clear();
             }
             self.cache.insert(sql.into(), c.clone());
+            // Numbers cannot change what a plain read or write is when it
+            // calls no function (a number could be a sleep, a setting's
+            // value...): then the key stands for it with any numbers.
+            if let (Some(k), Ok(v)) = (key, c.as_ref()) {
+                let plain = v.len() == 1
+                    && v[0].functions.is_empty()
+                    && !v[0].foreign
+                    && v[0].namespace == Namespace::None
+                    && v[0].classes.iter().all(|c| *c == class::READ || *c == class::WRITE);
+                if plain {
+                    if self.by_numbers.len() >= CACHE_ENTRIES {
+                        self.by_numbers.clear();
+                    }
+                    self.by_numbers.insert(k.into(), c.clone());
+                }
+            }
         }
         c
     }
@@ -935,6 +1005,31 @@ mod tests {
         assert!(!changes_state(&info("SELECT 1").all_classes()));
         assert!(!changes_state(&info("BEGIN").all_classes()));
         assert!(!changes_state(&info("SET work_mem = '1MB'").all_classes()));
+    }
+
+    #[test]
+    fn numbers_keys_stand_for_any_numbers_in_plain_text_only() {
+        let a = numbers_key("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;").unwrap();
+        assert_eq!(Some(a.clone()), numbers_key("SELECT abalance FROM pgbench_accounts WHERE aid = 7;"));
+        assert_eq!(a, "SELECT abalance FROM pgbench_accounts WHERE aid = \u{1};");
+        assert_ne!(Some(a), numbers_key("SELECT abalance FROM pgbench_accounts2 WHERE aid = 7;"));
+        // Names with digits stay names; numbers with dots or exponents are one number.
+        assert_eq!(numbers_key("SELECT t1.a FROM t1 LIMIT 10").unwrap(), "SELECT t1.a FROM t1 LIMIT \u{1}");
+        assert_eq!(numbers_key("SELECT 1.5e3, x FROM t").unwrap(), "SELECT \u{1}, x FROM t");
+        // Anything whose lexing is not plain is cached by exact text only.
+        for sql in [
+            "SELECT 1 FROM t WHERE a = 'x'",
+            "SELECT \"a\" FROM t LIMIT 1",
+            "SELECT $1::int",
+            "SELECT $$x$$, 1",
+            "SELECT 1 -- comment",
+            "SELECT 1 /* c */",
+            "SELECT E'\\x', 1",
+        ] {
+            assert_eq!(numbers_key(sql), None, "{sql}");
+        }
+        assert_eq!(numbers_key("SELECT a FROM t"), None, "nothing to stand for");
+        assert_eq!(numbers_key("SELECT é, 1 FROM t").unwrap(), "SELECT é, \u{1} FROM t");
     }
 
     #[test]
