@@ -76,6 +76,7 @@ struct Fixture {
     agent: Agent,
     pg: PgServer,
     hook: WebhookReceiver,
+    pwfile: String,
 }
 
 fn fixture() -> Option<Fixture> {
@@ -91,9 +92,10 @@ fn fixture() -> Option<Fixture> {
     let pwfile = dir.path().join("app-db.pw");
     std::fs::write(&pwfile, format!("{APP_PASSWORD}\n")).unwrap();
     let hook = WebhookReceiver::start(0);
-    let agent = Agent::start(&policy(&pg, pwfile.to_str().unwrap(), &hook));
+    let pwfile = pwfile.to_str().unwrap().to_string();
+    let agent = Agent::start(&policy(&pg, &pwfile, &hook));
     std::mem::forget(dir);
-    Some(Fixture { agent, pg, hook })
+    Some(Fixture { agent, pg, hook, pwfile })
 }
 
 /// psql inside `scope` reading `script`, started and left running.
@@ -305,4 +307,24 @@ fn extended_protocol_holds_at_execute_and_session_grants_cover_the_same_shape() 
     let standing =
         f.agent.wait_audit("standing", |r| r["type"] == "approval_decided" && r["outcome"]["standing"] == true);
     assert_eq!(standing["outcome"]["scope"]["kind"], "session");
+}
+
+#[test]
+fn a_session_revoked_while_held_leaves_nothing_pending() {
+    let Some(f) = fixture() else { return };
+    let child = psql(&f, "ci", "CREATE TABLE revoked_t (a int);\n");
+    let p = pending(&f.agent);
+    // The scope loses its binding: the open session is revoked.
+    let base = policy(&f.pg, &f.pwfile, &f.hook);
+    let unbound = base.replace("[[bindings]]\nscope = \"ci\"\nrole = \"migrator\"\n", "");
+    assert_ne!(unbound, base);
+    f.agent.replace_policy(&unbound).unwrap();
+    let (_, err) = text(&child.wait_with_output().unwrap());
+    assert!(!err.contains("CREATE TABLE"), "{err}");
+    let d = f.agent.wait_audit("cancelled", |r| r["type"] == "approval_decided" && r["id"] == p["id"]);
+    assert_eq!(d["outcome"]["outcome"], "cancelled");
+    assert!(approvals_cli(&f.agent, &["list", "--json"]).stdout.starts_with(b"[]"));
+    let metrics = f.agent.metrics_text();
+    assert!(metrics.lines().any(|l| l == "portcullis_approvals_held 0"), "{metrics}");
+    assert!(!table_exists(&f.pg, "revoked_t"));
 }

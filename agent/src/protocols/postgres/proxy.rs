@@ -241,6 +241,32 @@ struct Front<'s, R, W> {
     mask_policy: Arc<Policy>,
 }
 
+/// Keeps the held-requests gauge and the pending list right whichever way
+/// a hold ends, the session's task being dropped included.
+struct HoldGuard<'e> {
+    enforcer: &'e crate::enforcer::Enforcer,
+    id: approvals::ApprovalId,
+    held: bool,
+}
+
+impl HoldGuard<'_> {
+    /// The wait ended normally (its outcome recorded).
+    fn release(&mut self) {
+        if std::mem::take(&mut self.held) {
+            self.enforcer.stats.approvals_held.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for HoldGuard<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            self.enforcer.approvals.cancel(self.id);
+            self.release();
+        }
+    }
+}
+
 /// How a hold ended, for the statement that waited.
 enum Held {
     Approved(String),
@@ -471,6 +497,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
             timeout: d.approval_timeout,
         });
         let settled = ticket.is_settled();
+        // Should this session be ended while the request is held (a reload
+        // revoking it), the request must not stay pending.
+        let mut guard = HoldGuard { enforcer, id: ticket.id, held: !settled };
         if !settled {
             let id = ticket.id;
             let mut notice = BytesMut::new();
@@ -492,9 +521,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
             }
         };
         let outcome = enforcer.approvals.wait(ticket, gone).await;
-        if !settled {
-            enforcer.stats.approvals_held.fetch_sub(1, Ordering::Relaxed);
-        }
+        guard.release();
         Ok(match outcome {
             approvals::Outcome::Approved { .. } => Held::Approved(outcome.describe()),
             approvals::Outcome::Cancelled => Held::Gone,
