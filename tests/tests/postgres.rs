@@ -72,6 +72,7 @@ name = "writer"
 target = "app-db"
 allow = ["read", "write", "session", "transaction", "copy-in", "copy-out"]
 approve = ["ddl"]
+approval_timeout = "1s"
 deny_tables = ["public.secrets"]
 
 [[roles]]
@@ -364,9 +365,12 @@ fn a_denial_inside_a_transaction_aborts_it() {
     assert!(out.contains("count|3"), "{out}");
     assert_eq!(f.pg.sql("appdb", "SELECT count(*) FROM items WHERE id = 10"), "0");
 
-    // Approval is not available yet: DDL under `approve` is denied, saying so.
+    // DDL under `approve` is held; nobody answers within the rule's
+    // timeout, so it is denied, saying so.
     let (out, err) = text(&psql(&f, "writer", "127.0.0.53", "CREATE TABLE t3 (a int);\nSELECT 'alive';\n"));
-    assert!(denied_by_portcullis(&err) && err.contains("approval required"), "{out}{err}");
+    assert!(denied_by_portcullis(&err) && err.contains("approval timed out"), "{out}{err}");
+    assert!(err.contains("statement awaits approval"), "{err}");
+    assert!(out.contains("alive"), "the connection stays usable: {out}");
 
     // Writes the role may do go through, and their authorisation is recorded.
     let (out, err) = text(&psql(&f, "writer", "127.0.0.53", "INSERT INTO items VALUES (11, 'eleven');\n"));

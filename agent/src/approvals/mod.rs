@@ -159,6 +159,14 @@ pub struct Ticket {
     wait: TicketWait,
 }
 
+impl Ticket {
+    /// Whether the answer is already known (a standing approval matched):
+    /// nobody needs to be asked.
+    pub fn is_settled(&self) -> bool {
+        matches!(self.wait, TicketWait::Ready(_))
+    }
+}
+
 enum TicketWait {
     Ready(Outcome),
     Pending { rx: oneshot::Receiver<Outcome>, timeout: Duration },
@@ -308,6 +316,16 @@ impl Approvals {
         Ok(())
     }
 
+    /// Cancels a pending request whose waiter is gone without waiting
+    /// (its session was ended while it was held): recorded as cancelled.
+    /// Nothing happens when it was already resolved.
+    pub fn cancel(&self, id: ApprovalId) {
+        let p = self.pending.lock().expect("pending").remove(&id);
+        if let Some(p) = p {
+            self.finish(&p.view, &Outcome::Cancelled);
+        }
+    }
+
     /// Forgets session-scoped grants when a session ends.
     pub fn session_closed(&self, session: SessionId) {
         self.grants.lock().expect("grants").retain(|g| !(g.scope == GrantScope::Session && g.session == session));
@@ -436,6 +454,18 @@ mod tests {
         a.grants.lock().unwrap()[0].until = Some(Instant::now() - Duration::from_secs(1));
         let late = a.submit(req(3, "alter table t", Duration::from_millis(5)));
         assert_eq!(a.wait(late, std::future::pending()).await, Outcome::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn cancel_removes_a_pending_request_once() {
+        let (a, _d) = approvals();
+        let t = a.submit(req(1, "drop table t", Duration::from_secs(60)));
+        let id = t.id;
+        drop(t);
+        a.cancel(id);
+        assert!(a.list().is_empty());
+        a.cancel(id);
+        assert_eq!(a.approve(id, GrantScope::Once, approver()), Err(ApprovalError::NotFound(id)));
     }
 
     #[test]

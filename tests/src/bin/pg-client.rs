@@ -167,6 +167,7 @@ fn read_until_ready(s: &mut TcpStream) -> Value {
     let mut tags = String::new();
     let mut errors = Vec::new();
     let mut data = Vec::new();
+    let mut values = Vec::new();
     loop {
         let mut head = [0u8; 5];
         if s.read_exact(&mut head).is_err() {
@@ -186,9 +187,15 @@ fn read_until_ready(s: &mut TcpStream) -> Value {
                 errors.push(Value::Object(e));
             }
             b'D' => data.push(json!(String::from_utf8_lossy(&body[6..]))),
+            // FunctionCallResponse: int32 length (-1: NULL), then the value.
+            b'V' => values.push(if i32::from_be_bytes([body[0], body[1], body[2], body[3]]) < 0 {
+                Value::Null
+            } else {
+                json!(String::from_utf8_lossy(&body[4..]))
+            }),
             b'Z' => break,
             _ => {}
         }
     }
-    json!({"tags": tags, "errors": errors, "data": data})
+    json!({"tags": tags, "errors": errors, "data": data, "values": values})
 }

@@ -136,6 +136,30 @@ pub fn classify(sql: &str) -> Result<Vec<StatementInfo>, ClassifyError> {
 }
 
 /// Classifies one parsed statement.
+/// A statement's shape for widened approvals: the statement as the parser
+/// renders it with every literal replaced by `?`, so that statements that
+/// differ only in their values are "the same statement". Text that does
+/// not parse is its own shape.
+pub fn shape(sql: &str) -> String {
+    let dialect = PostgreSqlDialect {};
+    let parsed = Parser::new(&dialect)
+        .with_recursion_limit(RECURSION_LIMIT)
+        .try_with_sql(sql)
+        .and_then(|mut p| p.parse_statements());
+    match parsed {
+        Ok(mut statements) => {
+            let _ = sqlparser::ast::visit_expressions_mut(&mut statements, |e| {
+                if let Expr::Value(v) = e {
+                    v.value = Value::Placeholder("?".into());
+                }
+                ControlFlow::<()>::Continue(())
+            });
+            statements.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("; ")
+        }
+        Err(_) => sql.to_string(),
+    }
+}
+
 pub fn classify_statement(stmt: &Statement) -> StatementInfo {
     let mut info = StatementInfo::new(kind_of(stmt), stmt.to_string());
     own_classes(stmt, &mut info);
@@ -1151,6 +1175,20 @@ const READ_FUNCTIONS: &[&str] = &[
     "width_bucket",
     "xmlagg",
 ];
+
+#[cfg(test)]
+mod shape_tests {
+    use super::shape;
+
+    #[test]
+    fn shapes_ignore_literals_but_not_structure() {
+        assert_eq!(shape("DELETE FROM t WHERE id = 7"), shape("delete from t where id = 42"));
+        assert_eq!(shape("INSERT INTO t VALUES (1, 'a')"), shape("INSERT INTO t VALUES (2, 'b')"));
+        assert_ne!(shape("DELETE FROM t WHERE id = 7"), shape("DELETE FROM u WHERE id = 7"));
+        assert_ne!(shape("DELETE FROM t WHERE id = 7"), shape("DELETE FROM t WHERE id = 7 OR true"));
+        assert_eq!(shape("CREATE TABLE t3 (a int)"), "CREATE TABLE t3 (a INT)");
+    }
+}
 
 #[cfg(test)]
 mod tests {

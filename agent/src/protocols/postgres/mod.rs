@@ -15,6 +15,7 @@
 //! - `cancel`: CancelRequest mapping.
 pub mod cancel;
 pub mod classify;
+pub mod mask;
 pub mod proxy;
 pub mod rows;
 pub mod stream;
@@ -152,6 +153,15 @@ pub async fn serve(session: &Session, client: TcpStream, admission: Decision) ->
             return Outcome::reason(format!("upstream start-up failed: {e}"));
         }
     };
+    let masking = match masking(session, &mut up_reader, password.as_ref()).await {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(session = %session.id, target = %target.name, error = %e, "cannot set up masking; closing the session");
+            fatal(&mut reader, "58000", &format!("portcullis: masking for target {} is unavailable", target.name))
+                .await;
+            return Outcome::reason(format!("masking unavailable: {e}"));
+        }
+    };
     drop(password);
 
     // The caller's side of start-up: success, the server's parameters, and
@@ -178,9 +188,33 @@ pub async fn serve(session: &Session, client: TcpStream, admission: Decision) ->
         return Outcome::reason(format!("client went away during start-up: {e}"));
     }
     info!(session = %session.id, target = %target.name, upstream_user = %user, "postgres session open");
-    let outcome = proxy::run(session, reader, up_reader).await;
+    let outcome = proxy::run(session, reader, up_reader, masking).await;
     drop(registration);
     outcome
+}
+
+/// The session's masking: the role's rule for the target (its mask plan;
+/// without a rule, the injected credentials only), with column rules
+/// resolved on the upstream session just opened.
+async fn masking(
+    session: &Session,
+    up: &mut FrameReader<Stream>,
+    password: Option<&credentials::Secret>,
+) -> Result<proxy::Masking, String> {
+    use std::sync::Arc;
+
+    use crate::masking::{Plan, SessionMasker};
+    let policy = session.enforcer.policy();
+    let plan = crate::policy::decide::rule_of(&policy, session.role.as_deref(), &session.target)
+        .map(|(_, rule)| rule.mask_plan.clone())
+        .unwrap_or_else(|_| Arc::new(Plan::credentials_only()));
+    let injected: Vec<&credentials::Secret> = password.into_iter().collect();
+    let masker = SessionMasker::start(plan.clone(), &policy.masking, &injected).map_err(|e| e.to_string())?;
+    let rules = plan.column_rules();
+    let resolved = mask::resolve(up, rules).await?;
+    let rows = (masker.scans_text() || !rules.is_empty()).then(|| mask::RowMasker::new(masker, resolved));
+    let source = proxy::mask_source(&policy, session);
+    Ok(proxy::Masking { columns: mask::Columns::new(rules), rows, source, policy })
 }
 
 /// Answers SSLRequest (with TLS from the local CA when the target offers it

@@ -31,15 +31,44 @@ use tracing::{debug, warn};
 use super::{
     classify::{self, class, ClassifyError, FunctionUse, Namespace, StatementInfo},
     denial_message,
+    mask::{Columns, RowMasker},
     rows::{bind_fields, Pending, Tracker},
     wire::{self, cstr, cstr_utf8, i32_at, Frame, FrameReader, FrameWriter, Severity, WireError},
 };
 use crate::{
+    approvals::{self, HoldRequest},
     audit::{DecisionInfo, Event, RequestInfo},
+    enforcer::Stats,
     ids::SessionId,
+    masking::Mode,
     policy::{decide::rule_of, decide_sql, Decision, Policy, SqlRequest, Verdict},
     protocols::{Outcome, Session},
 };
+
+/// Bytes a caller may send while one of its statements is held; more ends
+/// the session (they would only pile up in memory).
+const HELD_INPUT: usize = 16 << 20;
+
+/// What masking a session needs: the column rules for the request side,
+/// and the masker for the response side.
+pub struct Masking {
+    pub columns: Columns,
+    pub rows: Option<RowMasker>,
+    /// What the masks were made from: the rule's `mask` entries and the
+    /// policy's `[masking]` section, under `policy`.
+    pub source: MaskSource,
+    pub policy: Arc<Policy>,
+}
+
+/// The inputs of a session's masks, compared after a reload.
+pub type MaskSource = Option<(Vec<String>, crate::masking::MaskSettings)>;
+
+/// The mask inputs of the session's rule under `policy` (None: no rule).
+pub fn mask_source(policy: &Policy, session: &Session) -> MaskSource {
+    rule_of(policy, session.role.as_deref(), &session.target)
+        .ok()
+        .map(|(_, r)| (r.mask.clone(), policy.masking.clone()))
+}
 
 /// Entries kept in the per-session classification cache.
 const CACHE_ENTRIES: usize = 512;
@@ -56,10 +85,12 @@ enum ProxyError {
     Unexpected(char),
     #[error("audit log unavailable: {0}")]
     Audit(String),
+    #[error("{0}")]
+    Masking(String),
 }
 
 /// Runs a started session until either side ends it.
-pub async fn run<C, U>(session: &Session, client: FrameReader<C>, upstream: FrameReader<U>) -> Outcome
+pub async fn run<C, U>(session: &Session, client: FrameReader<C>, upstream: FrameReader<U>, masking: Masking) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin + Send,
     U: AsyncRead + AsyncWrite + Unpin + Send,
@@ -69,6 +100,7 @@ where
     let (cr, cw) = tokio::io::split(c_stream);
     let (ur, uw) = tokio::io::split(u_stream);
     let (tx, rx) = mpsc::unbounded_channel();
+    let (oob_tx, oob_rx) = mpsc::unbounded_channel();
     let nonce = SessionId::random().0;
     let txn = Arc::new(AtomicU64::new(0));
     let mut front = Front {
@@ -81,16 +113,22 @@ where
         prepared: HashMap::new(),
         portals: HashMap::new(),
         cache: HashMap::new(),
+        by_numbers: HashMap::new(),
         bytes: 0,
         cycles: 0,
         txn: txn.clone(),
         deferred: false,
+        columns: masking.columns,
+        oob: oob_tx,
+        mask_source: masking.source,
+        mask_policy: masking.policy,
     };
     let mut back = Back {
         from: FrameReader::with_buffer(ur, u_buf),
         to: FrameWriter::new(cw),
         events: rx,
-        tracker: Tracker::default(),
+        tracker: Tracker::with_masker(masking.rows),
+        oob: oob_rx,
         marker: marker_prefix(nonce),
         bytes: 0,
         txn,
@@ -109,6 +147,49 @@ where
     Outcome { reason, bytes_up: front.bytes, bytes_down: back.bytes }
 }
 
+/// A cache key for SQL text that stands for the same text with any
+/// unsigned numbers: each number becomes `\u{1}`. Only for text whose lexing is plain: no quotes of any kind, no
+/// dollar signs (parameters, dollar quoting), no backslashes, no comments
+/// and no control characters; otherwise `None` (cache by exact text only).
+/// A number is a run of digits, letters, `_` and `.` that starts with a
+/// digit not preceded by a name character (`t1` stays a name).
+fn numbers_key(sql: &str) -> Option<String> {
+    let b = sql.as_bytes();
+    if b.iter().any(|&c| {
+        matches!(c, b'\'' | b'"' | b'$' | b'\\' | b'`') || c < 0x20 && !matches!(c, b' ' | b'\t' | b'\n' | b'\r')
+    }) || sql.contains("--")
+        || sql.contains("/*")
+    {
+        return None;
+    }
+    let mut out = String::with_capacity(sql.len());
+    let mut i = 0;
+    let mut replaced = false;
+    while i < b.len() {
+        let c = b[i];
+        let after_name = i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_' || b[i - 1] >= 0x80);
+        if c.is_ascii_digit() && !after_name {
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'.') {
+                i += 1;
+            }
+            out.push('\u{1}');
+            replaced = true;
+            continue;
+        }
+        // Copy one UTF-8 character.
+        let len = match c {
+            0x00..=0x7f => 1,
+            0xc0..=0xdf => 2,
+            0xe0..=0xef => 3,
+            _ => 4,
+        };
+        let end = (i + len).min(b.len());
+        out.push_str(&sql[i..end]);
+        i = end;
+    }
+    replaced.then_some(out)
+}
+
 fn marker_prefix(nonce: u64) -> String {
     format!("pcx{nonce:016x}n")
 }
@@ -120,6 +201,8 @@ struct Prepared {
     info: Option<Arc<StatementInfo>>,
     /// Refused at Parse: executing it is refused too.
     denied: bool,
+    /// Needs a human's approval each time it is executed (the decision).
+    approve: Option<Decision>,
     /// The policy it was decided under.
     policy: Arc<Policy>,
 }
@@ -138,6 +221,8 @@ struct Front<'s, R, W> {
     /// Portal → statement.
     portals: HashMap<String, String>,
     cache: HashMap<Box<str>, Classified>,
+    /// Classifications by [`numbers_key`].
+    by_numbers: HashMap<Box<str>, Classified>,
     bytes: u64,
     /// Exchanges sent that end with ReadyForQuery.
     cycles: u64,
@@ -146,6 +231,48 @@ struct Front<'s, R, W> {
     /// Authorisations queued (not yet known to be on disk) inside the
     /// current transaction block.
     deferred: bool,
+    /// The role's column rules (computed fields, COPY out).
+    columns: Columns,
+    /// Messages for the caller outside the order of answers (notices of
+    /// held statements), written by the response side between messages.
+    oob: mpsc::UnboundedSender<Bytes>,
+    /// The inputs of this session's masks, and the policy last checked.
+    mask_source: MaskSource,
+    mask_policy: Arc<Policy>,
+}
+
+/// Keeps the held-requests gauge and the pending list right whichever way
+/// a hold ends, the session's task being dropped included.
+struct HoldGuard<'e> {
+    enforcer: &'e crate::enforcer::Enforcer,
+    id: approvals::ApprovalId,
+    held: bool,
+}
+
+impl HoldGuard<'_> {
+    /// The wait ended normally (its outcome recorded).
+    fn release(&mut self) {
+        if std::mem::take(&mut self.held) {
+            self.enforcer.stats.approvals_held.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for HoldGuard<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            self.enforcer.approvals.cancel(self.id);
+            self.release();
+        }
+    }
+}
+
+/// How a hold ended, for the statement that waited.
+enum Held {
+    Approved(String),
+    Refused(String),
+    /// The caller went away: the session ends.
+    Gone,
 }
 
 /// One statement's decision, before it is recorded.
@@ -164,7 +291,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                     self.to.flush().await?;
                     return Ok("client terminated");
                 }
-                self.handle(frame).await?;
+                if matches!(frame.tag, b'Q' | b'P' | b'E' | b'F') && !self.masks_current() {
+                    return Ok("a policy reload changed the session's masks; the session is closed");
+                }
+                if !self.handle(frame).await? {
+                    return Ok("client went away while a statement was held for approval");
+                }
             }
             self.to.flush().await?;
             if !self.from.fill().await? {
@@ -173,8 +305,24 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
         }
     }
 
+    /// Whether the masks the session started with are still the rule's
+    /// (checked again only when the policy was reloaded).
+    fn masks_current(&mut self) -> bool {
+        let policy = self.session.enforcer.policy();
+        if Arc::ptr_eq(&policy, &self.mask_policy) {
+            return true;
+        }
+        if mask_source(&policy, self.session) != self.mask_source {
+            warn!(session = %self.session.id, "the session's masks changed with a policy reload; closing it");
+            return false;
+        }
+        self.mask_policy = policy;
+        true
+    }
+
     fn expect(&mut self, p: Pending) {
-        if matches!(p, Pending::Query | Pending::Sync | Pending::FunctionCall | Pending::Denial { simple: true, .. }) {
+        if matches!(p, Pending::Query(_) | Pending::Sync | Pending::FunctionCall | Pending::Denial { simple: true, .. })
+        {
             self.cycles += 1;
         }
         // The response side outlives every send; a failure means it ended,
@@ -190,9 +338,20 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
         s >> 8 == self.cycles && (s & 0xff) as u8 == b'T'
     }
 
-    async fn handle(&mut self, frame: Frame) -> Result<(), ProxyError> {
+    /// Handles one caller message; `false` when the caller went away
+    /// while a statement was held.
+    async fn handle(&mut self, frame: Frame) -> Result<bool, ProxyError> {
         match frame.tag {
-            b'Q' => self.simple_query(frame).await,
+            b'Q' => return self.simple_query(frame).await,
+            b'E' => return self.execute(frame).await,
+            b'F' => return self.function_call(frame).await,
+            _ => {}
+        }
+        self.handle_other(frame).await.map(|()| true)
+    }
+
+    async fn handle_other(&mut self, frame: Frame) -> Result<(), ProxyError> {
+        match frame.tag {
             b'P' => self.parse(frame).await,
             b'B' => {
                 let (portal, statement, formats) = bind_fields(frame.body())?;
@@ -214,7 +373,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 self.to.push(&frame.raw);
                 Ok(())
             }
-            b'E' => self.execute(frame).await,
             b'C' => {
                 let mut body = frame.body();
                 let kind = *body.first().ok_or(WireError::Malformed("close"))?;
@@ -239,15 +397,22 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 self.to.push(&frame.raw);
                 Ok(())
             }
-            b'F' => self.function_call(frame).await,
             other => Err(ProxyError::Unexpected(other as char)),
         }
     }
 
-    /// Classifies SQL text, from the cache when seen before.
+    /// Classifies SQL text, from the cache when seen before: the same text,
+    /// or the same text but for its numbers (see [`numbers_key`]).
     fn classify(&mut self, sql: &str) -> Classified {
         if let Some(c) = self.cache.get(sql) {
             return c.clone();
+        }
+        let key = if sql.len() <= CACHE_TEXT { numbers_key(sql) } else { None };
+        if let Some(Ok(one)) = key.as_deref().and_then(|k| self.by_numbers.get(k)).map(|c| c.as_ref()) {
+            // The classification of the same statement with other numbers,
+            // with this statement's own text.
+            let info = StatementInfo { sql: sql.to_string(), ..one[0].clone() };
+            return Arc::new(Ok(vec![info]));
         }
         let c: Classified = Arc::new(classify::classify(sql));
         if sql.len() <= CACHE_TEXT {
@@ -255,6 +420,22 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 self.cache.clear();
             }
             self.cache.insert(sql.into(), c.clone());
+            // Numbers cannot change what a plain read or write is when it
+            // calls no function (a number could be a sleep, a setting's
+            // value...): then the key stands for it with any numbers.
+            if let (Some(k), Ok(v)) = (key, c.as_ref()) {
+                let plain = v.len() == 1
+                    && v[0].functions.is_empty()
+                    && !v[0].foreign
+                    && v[0].namespace == Namespace::None
+                    && v[0].classes.iter().all(|c| *c == class::READ || *c == class::WRITE);
+                if plain {
+                    if self.by_numbers.len() >= CACHE_ENTRIES {
+                        self.by_numbers.clear();
+                    }
+                    self.by_numbers.insert(k.into(), c.clone());
+                }
+            }
         }
         c
     }
@@ -283,7 +464,85 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
             let req = SqlRequest { classes, tables, functions };
             decide_sql(policy, self.session.role.as_deref(), &self.session.target, &req)
         };
-        Decided { info: Arc::new(info), decision: settle(decision) }
+        let decision = if decision.verdict != Verdict::Deny && self.columns.copy_refused(&info) {
+            Decision {
+                verdict: Verdict::Deny,
+                reason: "COPY out of a relation with masked columns is refused (SELECT it instead)".into(),
+                ..decision
+            }
+        } else {
+            decision
+        };
+        Decided { info: Arc::new(info), decision }
+    }
+
+    /// Holds a request for a human: tells the caller (a NoticeResponse with
+    /// the id, sent at once), waits for the answer, the rule's timeout or
+    /// the caller going away (input the caller sends meanwhile is kept for
+    /// after), and records the outcome.
+    async fn hold(&mut self, request: &str, shape: String, d: &Decision) -> Result<Held, ProxyError> {
+        // What came before the held statement goes on.
+        self.to.flush().await?;
+        let session = self.session;
+        let enforcer = &session.enforcer;
+        let ticket = enforcer.approvals.submit(HoldRequest {
+            session: session.id,
+            caller: session.caller.clone(),
+            role: session.role.clone(),
+            target: session.target.name.clone(),
+            protocol: "postgres".into(),
+            request: request.to_string(),
+            shape,
+            rule: d.rule.clone(),
+            timeout: d.approval_timeout,
+        });
+        let settled = ticket.is_settled();
+        // Should this session be ended while the request is held (a reload
+        // revoking it), the request must not stay pending.
+        let mut guard = HoldGuard { enforcer, id: ticket.id, held: !settled };
+        if !settled {
+            let id = ticket.id;
+            let mut notice = BytesMut::new();
+            wire::notice_response(
+                &mut notice,
+                "01000",
+                &format!("statement awaits approval {id}; ask an approver: portcullis approvals approve {id}"),
+            );
+            let _ = self.oob.send(notice.freeze());
+            Stats::inc(&enforcer.stats.approvals_held);
+        }
+        let from = &mut self.from;
+        let gone = async move {
+            loop {
+                match from.fill().await {
+                    Ok(true) if from.buffered() <= HELD_INPUT => continue,
+                    _ => return,
+                }
+            }
+        };
+        let outcome = enforcer.approvals.wait(ticket, gone).await;
+        guard.release();
+        Ok(match outcome {
+            approvals::Outcome::Approved { .. } => Held::Approved(outcome.describe()),
+            approvals::Outcome::Cancelled => Held::Gone,
+            approvals::Outcome::Denied { .. } | approvals::Outcome::TimedOut => Held::Refused(outcome.describe()),
+        })
+    }
+
+    /// Turns a held decision into its final one.
+    fn settle(d: Decision, held: &Held) -> Decision {
+        if d.verdict != Verdict::Approve {
+            return d;
+        }
+        match held {
+            Held::Approved(why) => Decision { verdict: Verdict::Allow, reason: format!("{}: {why}", d.reason), ..d },
+            Held::Refused(why) => Decision { verdict: Verdict::Deny, reason: format!("{}: {why}", d.reason), ..d },
+            Held::Gone => Decision {
+                verdict: Verdict::Deny,
+                reason: format!("{}: the caller went away while held", d.reason),
+                ..d
+            },
+        }
     }
 
     /// A denial that names the role's rule for this target (or why there is
@@ -296,7 +555,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
         }
     }
 
-    async fn simple_query(&mut self, frame: Frame) -> Result<(), ProxyError> {
+    async fn simple_query(&mut self, frame: Frame) -> Result<bool, ProxyError> {
         let policy = self.session.enforcer.policy();
         let mut body = frame.body();
         let sql = match cstr_utf8(&mut body) {
@@ -305,7 +564,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 let d = self.fail_closed(&policy, "query text is not valid UTF-8");
                 self.record_unparsed("", &d);
                 self.deny(true, &d);
-                return Ok(());
+                return Ok(true);
             }
         };
         let classified = self.classify(sql);
@@ -314,20 +573,36 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 let d = self.fail_closed(&policy, &format!("{e}; SQL portcullis cannot read is denied"));
                 self.record_unparsed(sql, &d);
                 self.deny(true, &d);
-                return Ok(());
+                return Ok(true);
             }
             Ok(s) => s,
         };
-        let decided: Vec<Decided> = statements.iter().map(|s| self.decide(&policy, s)).collect();
-        let refused = decided.iter().position(|d| d.decision.verdict != Verdict::Allow);
+        let mut decided: Vec<Decided> = statements.iter().map(|s| self.decide(&policy, s)).collect();
         let single = decided.len() == 1;
+        let denied = decided.iter().any(|d| d.decision.verdict == Verdict::Deny);
+        if !denied && decided.iter().any(|d| d.decision.verdict == Verdict::Approve) {
+            let shape = decided.iter().map(|d| classify::shape(&d.info.sql)).collect::<Vec<_>>().join("; ");
+            let held = decided.iter().find(|d| d.decision.verdict == Verdict::Approve).expect("found").decision.clone();
+            let sql = sql.to_string();
+            let outcome = self.hold(&sql, shape, &held).await?;
+            decided = decided
+                .into_iter()
+                .map(|d| Decided { info: d.info, decision: Self::settle(d.decision, &outcome) })
+                .collect();
+            if matches!(outcome, Held::Gone) {
+                self.record_all(&decided, single.then_some(&sql)).await?;
+                return Ok(false);
+            }
+        }
+        let refused = decided.iter().position(|d| d.decision.verdict != Verdict::Allow);
         match refused {
             None => {
                 self.record_all(&decided, single.then_some(sql)).await?;
                 for d in &decided {
                     self.apply_namespace(&d.info, &policy);
                 }
-                self.expect(Pending::Query);
+                let computed = decided.iter().filter_map(|d| self.columns.computed(&d.info)).reduce(Mode::stricter);
+                self.expect(Pending::Query(computed));
                 self.to.push(&frame.raw);
             }
             Some(i) => {
@@ -352,7 +627,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 self.deny(true, &why);
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn parse(&mut self, frame: Frame) -> Result<(), ProxyError> {
@@ -377,20 +652,31 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
         };
         match statements.as_slice() {
             [] => {
-                self.prepared.insert(name, Prepared { info: None, denied: false, policy });
+                self.prepared.insert(name, Prepared { info: None, denied: false, approve: None, policy });
                 self.expect(Pending::Parse);
                 self.to.push(&frame.raw);
             }
             [one] => {
                 let d = self.decide(&policy, one);
+                if d.decision.verdict == Verdict::Approve {
+                    // Parsing runs nothing: the hold comes at Execute, so
+                    // that the whole batch waits and each run is approved.
+                    self.prepared.insert(
+                        name,
+                        Prepared { info: Some(d.info), denied: false, approve: Some(d.decision), policy },
+                    );
+                    self.expect(Pending::Parse);
+                    self.to.push(&frame.raw);
+                    return Ok(());
+                }
                 let sql = sql.to_string();
                 self.record_all(std::slice::from_ref(&d), Some(&sql)).await?;
                 if d.decision.verdict == Verdict::Allow {
-                    self.prepared.insert(name, Prepared { info: Some(d.info), denied: false, policy });
+                    self.prepared.insert(name, Prepared { info: Some(d.info), denied: false, approve: None, policy });
                     self.expect(Pending::Parse);
                     self.to.push(&frame.raw);
                 } else {
-                    self.prepared.insert(name, Prepared { info: Some(d.info), denied: true, policy });
+                    self.prepared.insert(name, Prepared { info: Some(d.info), denied: true, approve: None, policy });
                     self.deny(false, &d.decision);
                 }
             }
@@ -406,44 +692,72 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
     fn refuse_parse(&mut self, name: String, sql: &str, d: Decision) -> Result<(), ProxyError> {
         self.record_unparsed(sql, &d);
         let policy = self.session.enforcer.policy();
-        self.prepared.insert(name, Prepared { info: None, denied: true, policy });
+        self.prepared.insert(name, Prepared { info: None, denied: true, approve: None, policy });
         self.deny(false, &d);
         Ok(())
     }
 
-    async fn execute(&mut self, frame: Frame) -> Result<(), ProxyError> {
+    async fn execute(&mut self, frame: Frame) -> Result<bool, ProxyError> {
         let mut body = frame.body();
         let portal = String::from_utf8_lossy(cstr(&mut body)?).into_owned();
         let statement = self.portals.get(&portal).cloned();
+        let computed;
         if let Some(p) = statement.as_ref().and_then(|s| self.prepared.get(s)).cloned() {
             if p.denied {
                 let policy = self.session.enforcer.policy();
                 let d = self.fail_closed(&policy, "the statement of this portal was denied");
                 self.deny(false, &d);
-                return Ok(());
+                return Ok(true);
             }
             let policy = self.session.enforcer.policy();
+            let name = statement.clone().expect("found by name");
+            let mut held = p.approve.clone();
             if let (Some(info), false) = (&p.info, Arc::ptr_eq(&policy, &p.policy)) {
                 // The policy changed since Parse: decide again.
                 let d = self.decide(&policy, info);
-                self.record_all(std::slice::from_ref(&d), None).await?;
-                let name = statement.expect("found by name");
-                if d.decision.verdict != Verdict::Allow {
-                    self.prepared.insert(name, Prepared { info: p.info.clone(), denied: true, policy });
-                    self.deny(false, &d.decision);
-                    return Ok(());
+                match d.decision.verdict {
+                    Verdict::Deny => {
+                        self.record_all(std::slice::from_ref(&d), None).await?;
+                        self.prepared
+                            .insert(name, Prepared { info: p.info.clone(), denied: true, approve: None, policy });
+                        self.deny(false, &d.decision);
+                        return Ok(true);
+                    }
+                    Verdict::Approve => held = Some(d.decision),
+                    Verdict::Allow => {
+                        self.record_all(std::slice::from_ref(&d), None).await?;
+                        held = None;
+                    }
                 }
-                self.prepared.insert(name, Prepared { policy, ..p });
+                self.prepared.insert(name, Prepared { policy, approve: held.clone(), ..p.clone() });
             }
+            if let (Some(decision), Some(info)) = (held, &p.info) {
+                let outcome = self.hold(&info.sql, classify::shape(&info.sql), &decision).await?;
+                let d = Decided { info: info.clone(), decision: Self::settle(decision, &outcome) };
+                self.record_all(std::slice::from_ref(&d), None).await?;
+                match outcome {
+                    Held::Gone => return Ok(false),
+                    Held::Refused(_) => {
+                        self.deny(false, &d.decision);
+                        return Ok(true);
+                    }
+                    Held::Approved(_) => {}
+                }
+            }
+            computed = p.info.as_ref().and_then(|i| self.columns.computed(i));
+        } else {
+            // SQL cursors (decided at DECLARE): what they read is not known
+            // here.
+            computed = self.columns.unknown();
         }
         // Unknown portals are SQL cursors (decided at DECLARE) or do not
         // exist (the server says so).
-        self.expect(Pending::Execute(portal));
+        self.expect(Pending::Execute(portal, computed));
         self.to.push(&frame.raw);
-        Ok(())
+        Ok(true)
     }
 
-    async fn function_call(&mut self, frame: Frame) -> Result<(), ProxyError> {
+    async fn function_call(&mut self, frame: Frame) -> Result<bool, ProxyError> {
         let policy = self.session.enforcer.policy();
         let mut body = frame.body();
         let oid = i32_at(&mut body)? as u32;
@@ -458,7 +772,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
             namespace: Namespace::None,
             foreign: false,
         };
-        let d = self.decide(&policy, &info);
+        let mut d = self.decide(&policy, &info);
+        if d.decision.verdict == Verdict::Approve {
+            let outcome = self.hold(&d.info.sql, d.info.sql.clone(), &d.decision).await?;
+            d.decision = Self::settle(d.decision, &outcome);
+            if matches!(outcome, Held::Gone) {
+                self.record_all(std::slice::from_ref(&d), None).await?;
+                return Ok(false);
+            }
+        }
         self.record_all(std::slice::from_ref(&d), None).await?;
         if d.decision.verdict == Verdict::Allow {
             self.expect(Pending::FunctionCall);
@@ -466,15 +788,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
         } else {
             self.deny(true, &d.decision);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Effects of an allowed statement on the statement namespace.
     fn apply_namespace(&mut self, info: &Arc<StatementInfo>, policy: &Arc<Policy>) {
         match &info.namespace {
             Namespace::Prepare(name) => {
-                self.prepared
-                    .insert(name.clone(), Prepared { info: Some(info.clone()), denied: false, policy: policy.clone() });
+                self.prepared.insert(
+                    name.clone(),
+                    Prepared { info: Some(info.clone()), denied: false, approve: None, policy: policy.clone() },
+                );
             }
             Namespace::Deallocate(Some(name)) => {
                 self.prepared.remove(name);
@@ -536,6 +860,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 _ => d.info.sql.clone(),
             };
             debug!(session = %self.session.id, kind = d.info.kind, verdict = %d.decision.verdict, rule = %d.decision.rule, "statement");
+            self.count(&d.decision);
             let event = Event::Decision {
                 session: self.session.id,
                 request: RequestInfo::Postgres {
@@ -563,7 +888,19 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
         })
     }
 
+    /// Counts a statement's decision in the metrics.
+    fn count(&self, d: &Decision) {
+        let stats = &self.session.enforcer.stats;
+        stats.decision(d, &self.session.target.name, "postgres");
+        match d.verdict {
+            Verdict::Allow => Stats::inc(&stats.allowed),
+            Verdict::Deny => Stats::inc(&stats.denied),
+            Verdict::Approve => {}
+        }
+    }
+
     fn record_unparsed(&self, sql: &str, d: &Decision) {
+        self.count(d);
         self.session.enforcer.audit.record(Event::Decision {
             session: self.session.id,
             request: RequestInfo::Postgres {
@@ -595,24 +932,13 @@ fn transactional(info: &StatementInfo) -> bool {
         && info.functions.iter().all(|f| f.class.is_none() || f.class == Some(class::SESSION))
 }
 
-/// The one place a request waits on its decision. Approval holds are not
-/// available yet: a request that needs approval is denied, and says so.
-fn settle(d: Decision) -> Decision {
-    match d.verdict {
-        Verdict::Approve => Decision {
-            verdict: Verdict::Deny,
-            reason: format!("approval required ({}); approval holds are not available, so it is denied", d.reason),
-            ..d
-        },
-        Verdict::Allow | Verdict::Deny => d,
-    }
-}
-
 struct Back<R, W> {
     from: FrameReader<R>,
     to: FrameWriter<W>,
     events: mpsc::UnboundedReceiver<Pending>,
     tracker: Tracker,
+    /// Out-of-order messages for the caller (see `Front::oob`).
+    oob: mpsc::UnboundedReceiver<Bytes>,
     marker: String,
     bytes: u64,
     txn: Arc<AtomicU64>,
@@ -625,12 +951,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Back<R, W> {
             self.drain_events();
             while let Some(frame) = self.from.try_frame()? {
                 match frame.tag {
-                    b'D' => self.tracker.data_row(&frame, &mut self.to.buf),
+                    b'D' => self.tracker.data_row(&frame, &mut self.to.buf).map_err(ProxyError::Masking)?,
+                    b'd' => self.tracker.copy_data(&frame, &mut self.to.buf).map_err(ProxyError::Masking)?,
+                    b'N' => self.tracker.notice(&frame, &mut self.to.buf),
+                    b'V' => self.tracker.function_result(&frame, &mut self.to.buf),
                     b'E' => {
                         self.drain_events();
                         match self.replacement(&frame) {
                             Some(r) => self.to.push(&r),
-                            None => self.to.push(&frame.raw),
+                            None => self.tracker.notice(&frame, &mut self.to.buf),
                         }
                         self.tracker.observe(&frame)?;
                     }
@@ -649,8 +978,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Back<R, W> {
             }
             self.bytes += self.to.buf.len() as u64;
             self.to.flush().await?;
-            if !self.from.fill().await? {
-                return Ok("upstream closed the connection");
+            tokio::select! {
+                filled = self.from.fill() => {
+                    if !filled? {
+                        return Ok("upstream closed the connection");
+                    }
+                }
+                Some(message) = self.oob.recv() => self.to.push(&message),
             }
         }
     }
@@ -701,19 +1035,28 @@ mod tests {
     }
 
     #[test]
-    fn approval_is_a_denial_that_says_so() {
-        let d = Decision {
-            verdict: Verdict::Approve,
-            role: Some("r".into()),
-            rule: "roles.r.rules[0]".into(),
-            reason: "ddl is in approve".into(),
-            mask: Vec::new(),
-            approval_timeout: std::time::Duration::from_secs(1),
-        };
-        let s = settle(d);
-        assert_eq!(s.verdict, Verdict::Deny);
-        assert!(s.reason.contains("approval required") && s.reason.contains("ddl is in approve"));
-        assert!(denial_message(&s).contains("roles.r.rules[0]"));
+    fn numbers_keys_stand_for_any_numbers_in_plain_text_only() {
+        let a = numbers_key("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;").unwrap();
+        assert_eq!(Some(a.clone()), numbers_key("SELECT abalance FROM pgbench_accounts WHERE aid = 7;"));
+        assert_eq!(a, "SELECT abalance FROM pgbench_accounts WHERE aid = \u{1};");
+        assert_ne!(Some(a), numbers_key("SELECT abalance FROM pgbench_accounts2 WHERE aid = 7;"));
+        // Names with digits stay names; numbers with dots or exponents are one number.
+        assert_eq!(numbers_key("SELECT t1.a FROM t1 LIMIT 10").unwrap(), "SELECT t1.a FROM t1 LIMIT \u{1}");
+        assert_eq!(numbers_key("SELECT 1.5e3, x FROM t").unwrap(), "SELECT \u{1}, x FROM t");
+        // Anything whose lexing is not plain is cached by exact text only.
+        for sql in [
+            "SELECT 1 FROM t WHERE a = 'x'",
+            "SELECT \"a\" FROM t LIMIT 1",
+            "SELECT $1::int",
+            "SELECT $$x$$, 1",
+            "SELECT 1 -- comment",
+            "SELECT 1 /* c */",
+            "SELECT E'\\x', 1",
+        ] {
+            assert_eq!(numbers_key(sql), None, "{sql}");
+        }
+        assert_eq!(numbers_key("SELECT a FROM t"), None, "nothing to stand for");
+        assert_eq!(numbers_key("SELECT é, 1 FROM t").unwrap(), "SELECT é, \u{1} FROM t");
     }
 
     #[test]

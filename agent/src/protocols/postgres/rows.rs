@@ -12,7 +12,11 @@ use std::{collections::HashMap, collections::VecDeque, sync::Arc};
 
 use bytes::{Bytes, BytesMut};
 
-use super::wire::{cstr, i16_at, i32_at, Frame, WireError};
+use super::{
+    mask::RowMasker,
+    wire::{cstr, i16_at, i32_at, Frame, WireError},
+};
+use crate::masking::Mode;
 
 /// One result column, as RowDescription describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,8 +38,9 @@ pub type Shape = Option<Arc<[Column]>>;
 /// What a forwarded client message will be answered with.
 #[derive(Debug)]
 pub enum Pending {
-    /// Simple query: any number of results, then ReadyForQuery.
-    Query,
+    /// Simple query: any number of results, then ReadyForQuery. The mode
+    /// for computed result fields (see `mask::Columns::computed`).
+    Query(Option<Mode>),
     /// FunctionCall: FunctionCallResponse or an error, then ReadyForQuery.
     FunctionCall,
     Parse,
@@ -46,7 +51,8 @@ pub enum Pending {
     },
     DescribeStatement(String),
     DescribePortal(String),
-    Execute(String),
+    /// Portal, and the mode for computed result fields.
+    Execute(String, Option<Mode>),
     Close {
         portal: bool,
         name: String,
@@ -66,7 +72,7 @@ pub enum Pending {
 impl Pending {
     /// Ends with the next ReadyForQuery.
     fn ends_cycle(&self) -> bool {
-        matches!(self, Pending::Query | Pending::FunctionCall | Pending::Sync | Pending::Denial { simple: true, .. })
+        matches!(self, Pending::Query(_) | Pending::FunctionCall | Pending::Sync | Pending::Denial { simple: true, .. })
     }
 }
 
@@ -78,9 +84,18 @@ pub struct Tracker {
     portals: HashMap<String, Shape>,
     /// Shape of the rows of the current simple-protocol result.
     current: Shape,
+    /// The session's masker, when the role masks anything (always, for a
+    /// target with injected credentials).
+    pub masker: Option<RowMasker>,
+    /// A COPY out is under way: (binary format).
+    copy_out: Option<bool>,
 }
 
 impl Tracker {
+    pub fn with_masker(masker: Option<RowMasker>) -> Tracker {
+        Tracker { masker, ..Tracker::default() }
+    }
+
     pub fn expect(&mut self, p: Pending) {
         self.pending.push_back(p);
     }
@@ -126,9 +141,15 @@ impl Tracker {
                 }
                 _ => {}
             },
+            b'H' => {
+                let binary = frame.body().first().is_some_and(|&f| f != 0);
+                self.copy_out = Some(binary);
+            }
+            b'c' => self.copy_out = None,
             b'C' | b'I' | b's' => {
                 self.current = None;
-                self.pop_if(|p| matches!(p, Pending::Execute(_)));
+                self.copy_out = None;
+                self.pop_if(|p| matches!(p, Pending::Execute(..)));
             }
             b'3' => {
                 if let Some(Pending::Close { .. }) = self.pending.front() {
@@ -143,6 +164,7 @@ impl Tracker {
             }
             b'E' => {
                 self.current = None;
+                self.copy_out = None;
                 // In the extended protocol the server skips to Sync.
                 if self.pending.front().is_some_and(|p| !p.ends_cycle()) {
                     while self.pending.front().is_some_and(|p| !matches!(p, Pending::Sync)) {
@@ -172,8 +194,16 @@ impl Tracker {
     /// The shape of the DataRows flowing now.
     pub fn row_shape(&self) -> Shape {
         match self.pending.front() {
-            Some(Pending::Execute(portal)) => self.portals.get(portal).cloned().flatten(),
+            Some(Pending::Execute(portal, _)) => self.portals.get(portal).cloned().flatten(),
             _ => self.current.clone(),
+        }
+    }
+
+    /// The mode for computed fields of the rows flowing now.
+    fn computed(&self) -> Option<&Mode> {
+        match self.pending.front() {
+            Some(Pending::Execute(_, m)) | Some(Pending::Query(m)) => m.as_ref(),
+            _ => None,
         }
     }
 
@@ -186,9 +216,49 @@ impl Tracker {
     }
 
     /// Every DataRow passes here on its way to the caller: the place where
-    /// per-column transforms apply. Today rows pass unchanged.
-    pub fn data_row(&mut self, frame: &Frame, out: &mut BytesMut) {
-        out.extend_from_slice(&frame.raw);
+    /// the role's maskers apply. An error (a row that does not fit its
+    /// description) ends the session.
+    pub fn data_row(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), String> {
+        if self.masker.is_none() {
+            out.extend_from_slice(&frame.raw);
+            return Ok(());
+        }
+        let shape = self.row_shape();
+        let computed = self.computed().cloned();
+        let m = self.masker.as_mut().expect("checked");
+        m.data_row(shape.as_ref(), computed.as_ref(), &frame.raw, out)
+    }
+
+    /// Every CopyData row of a COPY out passes here. Binary COPY output
+    /// cannot be scanned: an error when text is scanned.
+    pub fn copy_data(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), String> {
+        match (&mut self.masker, self.copy_out) {
+            (Some(m), Some(binary)) if m.scans_text() => {
+                if binary {
+                    return Err("binary COPY output cannot be masked".into());
+                }
+                m.copy_row(&frame.raw, out);
+            }
+            _ => out.extend_from_slice(&frame.raw),
+        }
+        Ok(())
+    }
+
+    /// A FunctionCallResponse passes here.
+    pub fn function_result(&mut self, frame: &Frame, out: &mut BytesMut) {
+        match &mut self.masker {
+            Some(m) => m.function_result(&frame.raw, out),
+            None => out.extend_from_slice(&frame.raw),
+        }
+    }
+
+    /// Errors and notices pass here: their text is scanned too.
+    pub fn notice(&mut self, frame: &Frame, out: &mut BytesMut) {
+        let strict = self.computed().is_some();
+        match &mut self.masker {
+            Some(m) if m.scans_text() || strict => m.fields(frame.tag, &frame.raw, strict, out),
+            _ => out.extend_from_slice(&frame.raw),
+        }
     }
 }
 
@@ -283,7 +353,7 @@ mod tests {
     #[test]
     fn simple_protocol_rows_take_the_row_description() {
         let mut t = Tracker::default();
-        t.expect(Pending::Query);
+        t.expect(Pending::Query(None));
         t.observe(&row_desc(&[("email", 16384, 2)])).unwrap();
         let shape = t.row_shape().unwrap();
         assert_eq!((shape[0].table_oid, shape[0].attnum, shape[0].format), (16384, 2, 0));
@@ -306,7 +376,7 @@ mod tests {
         t.observe(&frame(b'Z', b"I")).unwrap();
         // Bind p1 to s1 with binary results for column 2, Execute, Sync.
         t.expect(Pending::Bind { portal: "p1".into(), statement: "s1".into(), formats: vec![0, 1] });
-        t.expect(Pending::Execute("p1".into()));
+        t.expect(Pending::Execute("p1".into(), None));
         t.expect(Pending::Sync);
         t.observe(&frame(b'2', b"")).unwrap();
         let shape = t.row_shape().unwrap();
@@ -322,7 +392,7 @@ mod tests {
         let mut t = Tracker::default();
         t.expect(Pending::Denial { id: 7, simple: false, error: Bytes::from_static(b"x") });
         t.expect(Pending::Bind { portal: String::new(), statement: String::new(), formats: vec![] });
-        t.expect(Pending::Execute(String::new()));
+        t.expect(Pending::Execute(String::new(), None));
         t.expect(Pending::Sync);
         assert_eq!(t.denial(7).as_deref(), Some(&b"x"[..]));
         assert!(t.denial(8).is_none());

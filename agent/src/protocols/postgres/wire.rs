@@ -129,6 +129,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         !self.buf.is_empty()
     }
 
+    /// How many bytes are buffered and not yet returned.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     pub fn into_parts(self) -> (R, BytesMut) {
         (self.inner, self.buf)
     }
@@ -257,6 +262,32 @@ pub fn error_response(out: &mut BytesMut, severity: Severity, code: &str, messag
     if let Some(d) = detail {
         out.put_u8(b'D');
         put_cstr(out, d.as_bytes());
+    }
+    out.put_u8(0);
+    finish(out, at);
+}
+
+/// A NoticeResponse (severity NOTICE) with SQLSTATE and message.
+pub fn notice_response(out: &mut BytesMut, code: &str, message: &str) {
+    let at = begin(out, b'N');
+    out.put_u8(b'S');
+    put_cstr(out, b"NOTICE");
+    out.put_u8(b'V');
+    put_cstr(out, b"NOTICE");
+    out.put_u8(b'C');
+    put_cstr(out, code.as_bytes());
+    out.put_u8(b'M');
+    put_cstr(out, message.as_bytes());
+    out.put_u8(0);
+    finish(out, at);
+}
+
+/// Writes an ErrorResponse or NoticeResponse (`tag`) with `fields`.
+pub fn fields_message<'a>(out: &mut BytesMut, tag: u8, fields: impl IntoIterator<Item = (u8, &'a [u8])>) {
+    let at = begin(out, tag);
+    for (code, value) in fields {
+        out.put_u8(code);
+        put_cstr(out, value);
     }
     out.put_u8(0);
     finish(out, at);

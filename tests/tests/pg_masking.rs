@@ -1,0 +1,341 @@
+//! PostgreSQL response masking end to end: a real PostgreSQL 15 server, real
+//! psql (simple protocol, text results) and tokio-postgres (extended
+//! protocol, binary results) inside guarded cgroups. Column rules are
+//! matched on the source column (table oid and attribute number), value
+//! detectors run over text, and nothing clear reaches the caller or the
+//! audit log.
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Output, Stdio},
+};
+
+use portcullis_tests::{
+    helper_bin, require_root, require_tool,
+    servers::{PgAuth, PgServer},
+    Agent,
+};
+use serde_json::Value;
+
+const APP_PASSWORD: &str = "Mask3d-app-Pw-c41e";
+const EMAILS: [&str; 3] = ["ann@example.io", "bob@example.io", "cy@example.io"];
+const CARD: &str = "4111 1111 1111 1111";
+const NOT_A_CARD: &str = "4111 1111 1111 1112";
+
+fn policy(pg: &PgServer, pwfile: &str, keyfile: &str) -> String {
+    format!(
+        r#"
+version = 1
+
+[masking]
+hash_key = {{ file = "{keyfile}" }}
+
+[[scopes]]
+name = "analyst"
+cgroup = "@CG@/analyst"
+
+[[scopes]]
+name = "admin"
+cgroup = "@CG@/admin"
+
+[[targets]]
+name = "app-db"
+protocol = "postgres"
+match = ["127.0.0.53:5432"]
+upstream = "{up}"
+[targets.credentials]
+user = "app"
+password = {{ file = "{pwfile}" }}
+
+[[roles]]
+name = "analyst"
+[[roles.rules]]
+target = "app-db"
+allow = ["read", "session", "transaction", "copy-out", "function-call"]
+mask = ["column:public.users.email", "column:users.ssn=hash", "detector:card"]
+
+[[roles]]
+name = "admin"
+[[roles.rules]]
+target = "app-db"
+allow = ["read", "session", "transaction", "copy-out", "function-call"]
+
+[[bindings]]
+scope = "analyst"
+role = "analyst"
+
+[[bindings]]
+scope = "admin"
+role = "admin"
+"#,
+        up = pg.addr,
+    )
+}
+
+struct Fixture {
+    agent: Agent,
+    pg: PgServer,
+    pwfile: String,
+    keyfile: String,
+}
+
+fn fixture() -> Option<Fixture> {
+    if !require_root() || !require_tool("psql") || !require_tool("/usr/lib/postgresql/15/bin/initdb") {
+        return None;
+    }
+    let pg = PgServer::start();
+    pg.create_user("app", APP_PASSWORD, PgAuth::Scram);
+    pg.sql("postgres", "ALTER ROLE app SUPERUSER");
+    pg.sql("postgres", "CREATE DATABASE appdb OWNER app");
+    pg.sql(
+        "appdb",
+        &format!(
+            "CREATE TABLE users (id int PRIMARY KEY, email text, ssn text, note text);
+             INSERT INTO users VALUES
+               (1, '{}', '123-45-6789', 'card {CARD} on file'),
+               (2, '{}', '123-45-6789', 'order {NOT_A_CARD} shipped'),
+               (3, '{}', '987-65-4321', 'nothing to see');
+             CREATE FUNCTION email_of(int) RETURNS text LANGUAGE sql AS 'SELECT email FROM users WHERE id = $1';
+             CREATE TABLE notes (id int, body text);
+             INSERT INTO notes VALUES (1, 'paid with {CARD}'), (2, 'ref {NOT_A_CARD}');",
+            EMAILS[0], EMAILS[1], EMAILS[2]
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let pwfile = dir.path().join("app-db.pw");
+    std::fs::write(&pwfile, format!("{APP_PASSWORD}\n")).unwrap();
+    let keyfile = dir.path().join("mask.key");
+    std::fs::write(&keyfile, "a-test-hash-key-of-enough-length\n").unwrap();
+    let (pwfile, keyfile) = (pwfile.to_str().unwrap().to_string(), keyfile.to_str().unwrap().to_string());
+    let agent = Agent::start(&policy(&pg, &pwfile, &keyfile));
+    std::mem::forget(dir);
+    Some(Fixture { agent, pg, pwfile, keyfile })
+}
+
+fn psql(f: &Fixture, scope: &str, script: &str) -> Output {
+    let mut cmd = f.agent.exec(
+        scope,
+        &[
+            "psql",
+            "-h",
+            "127.0.0.53",
+            "-p",
+            "5432",
+            "-U",
+            "whoever",
+            "-d",
+            "appdb",
+            "-X",
+            "-At",
+            "-v",
+            "VERBOSITY=verbose",
+            "-f",
+            "-",
+        ],
+    );
+    cmd.env("PGCONNECT_TIMEOUT", "10")
+        .env("PGPASSWORD", "anything")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run psql");
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+fn no_email(s: &str) -> bool {
+    !s.to_ascii_lowercase().contains("example.io")
+}
+
+#[test]
+fn columns_are_masked_for_the_masked_role_and_clear_for_another() {
+    let Some(f) = fixture() else { return };
+    let (out, err) = text(&psql(&f, "analyst", "SELECT email FROM users ORDER BY id;\n"));
+    assert_eq!(out, "****\n****\n****\n", "{err}\n{}", f.agent.log_text());
+    let (out, err) = text(&psql(&f, "admin", "SELECT email FROM users ORDER BY id;\n"));
+    assert_eq!(out, format!("{}\n{}\n{}\n", EMAILS[0], EMAILS[1], EMAILS[2]), "{err}");
+
+    // Aliases keep their source column; expressions over it do not leak.
+    let script = "SELECT email AS contact FROM users ORDER BY id;\n\
+                  SELECT upper(email), email || '', lower(email) AS x, length(email) FROM users ORDER BY id;\n\
+                  SELECT row_to_json(u) FROM users u ORDER BY id;\n\
+                  SELECT u.* FROM users u WHERE id = 1;\n\
+                  SELECT e FROM (SELECT email AS e FROM users) s ORDER BY 1;\n\
+                  WITH t(a, b) AS (SELECT id, email FROM users) SELECT upper(b) FROM t;\n\
+                  SELECT id::text || ':' || email FROM users;\n\
+                  SELECT 'alive';\n";
+    let (out, err) = text(&psql(&f, "analyst", script));
+    assert!(no_email(&out) && no_email(&err), "{out}\n{err}");
+    assert!(out.contains("alive") && out.contains("****"), "{out}\n{err}");
+    // Functions that read masked columns: by SQL, and by the FunctionCall
+    // message, whose result cannot be traced to a column.
+    let (out, err) = text(&psql(&f, "analyst", "SELECT email_of(1);\n"));
+    assert!(no_email(&out) && out.contains("****"), "{out}\n{err}");
+    let oid = f.pg.sql("appdb", "SELECT 'email_of'::regproc::oid");
+    let bin = helper_bin("pg-client");
+    for (scope, clear) in [("analyst", false), ("admin", true)] {
+        let out = f
+            .agent
+            .exec(scope, &[bin.to_str().unwrap(), "fncall", "127.0.0.53", "5432", "appdb", &oid])
+            .output()
+            .unwrap();
+        let v: Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+        if clear {
+            assert_eq!(v["fncall"]["values"][0], EMAILS[0], "{v}");
+        } else {
+            assert!(v["fncall"]["values"][0].is_null(), "{v}");
+        }
+    }
+    // Columns that are not masked stay readable.
+    let (out, _) = text(&psql(&f, "analyst", "SELECT id FROM users ORDER BY id;\n"));
+    assert_eq!(out, "1\n2\n3\n");
+
+    // Errors that would quote a masked value do not.
+    let (out, err) = text(&psql(&f, "analyst", "SELECT email::int FROM users;\nSELECT 'alive';\n"));
+    assert!(err.contains("22P02"), "{err}");
+    assert!(no_email(&err) && out.contains("alive"), "{out}\n{err}");
+}
+
+#[test]
+fn detectors_mask_cards_in_free_text_and_leave_non_luhn_numbers() {
+    let Some(f) = fixture() else { return };
+    let (out, err) = text(&psql(&f, "analyst", "SELECT body FROM notes ORDER BY id;\n"));
+    assert_eq!(out, format!("paid with <card>\nref {NOT_A_CARD}\n"), "{err}");
+    // In an error message too.
+    let (_, err) = text(&psql(&f, "analyst", "SELECT body::int FROM notes WHERE id = 1;\n"));
+    assert!(err.contains("22P02") && !err.contains(CARD), "{err}");
+    let (out, _) = text(&psql(&f, "admin", "SELECT body FROM notes ORDER BY id;\n"));
+    assert!(out.contains(CARD), "{out}");
+}
+
+#[test]
+fn hash_mode_keeps_equality() {
+    let Some(f) = fixture() else { return };
+    let (out, err) = text(&psql(&f, "analyst", "SELECT ssn FROM users ORDER BY id;\n"));
+    let v: Vec<&str> = out.lines().collect();
+    assert_eq!(v.len(), 3, "{out}\n{err}");
+    assert!(v.iter().all(|h| h.starts_with("hash:") && !h.contains("-")), "{out}");
+    assert_eq!(v[0], v[1], "equal values hash equal");
+    assert_ne!(v[0], v[2]);
+    let (out, err) = text(&psql(&f, "analyst", "SELECT ssn FROM users GROUP BY ssn ORDER BY 1;\n"));
+    let groups: Vec<&str> = out.lines().collect();
+    assert_eq!(groups.len(), 2, "{out}\n{err}");
+    assert!(groups.contains(&v[0]) && groups.contains(&v[2]), "{out}");
+    // Comparing two rows server-side still works on the real values.
+    let (out, _) =
+        text(&psql(&f, "analyst", "SELECT a.id, b.id FROM users a JOIN users b ON a.ssn = b.ssn AND a.id < b.id;\n"));
+    assert_eq!(out, "1|2\n");
+}
+
+#[test]
+fn binary_results_of_masked_columns_are_null() {
+    let Some(f) = fixture() else { return };
+    let bin = helper_bin("pg-client");
+    let mut cmd = f
+        .agent
+        .exec("analyst", &[bin.to_str().unwrap(), "query", "127.0.0.53", "5432", "whoever", "anything", "appdb"]);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run pg-client");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"SELECT id, email, note FROM users ORDER BY id\nSELECT upper(email) FROM users\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<Value> = stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert_eq!(lines.len(), 3, "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let rows = lines[1]["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{}", lines[1]);
+    assert_eq!(rows[0][0], 1);
+    assert!(rows.iter().all(|r| r[1].is_null()), "masked columns in binary are NULL: {}", lines[1]);
+    assert!(!rows[0][2].as_str().unwrap_or("").contains(CARD), "{}", lines[1]);
+    assert!(lines[2]["rows"].as_array().unwrap().iter().all(|r| r[0].is_null()), "{}", lines[2]);
+    assert!(no_email(&stdout), "{stdout}");
+}
+
+#[test]
+fn copy_out_is_masked_or_refused_and_the_audit_log_holds_no_clear_value() {
+    let Some(f) = fixture() else { return };
+    let (out, err) = text(&psql(&f, "analyst", "COPY users TO STDOUT;\nSELECT 'alive';\n"));
+    assert!(err.contains("42501") && err.contains("masked columns"), "{err}");
+    assert!(no_email(&out) && out.contains("alive"), "{out}");
+    let (out, err) = text(&psql(&f, "analyst", "COPY (SELECT upper(email) FROM users) TO STDOUT WITH (FORMAT csv);\n"));
+    assert!(err.contains("42501") && no_email(&out), "{out}\n{err}");
+    let (out, err) = text(&psql(&f, "analyst", "COPY notes TO STDOUT;\nCOPY notes TO STDOUT WITH (FORMAT csv);\n"));
+    assert!(!out.contains(CARD), "{out}\n{err}");
+    assert!(out.contains("1\tpaid with <card>") && out.contains("1,paid with <card>"), "{out}\n{err}");
+    assert!(out.contains(NOT_A_CARD), "{out}");
+
+    // Everything above and a plain read are recorded; no clear value is.
+    psql(&f, "analyst", "SELECT * FROM users;\n");
+    f.agent
+        .wait_audit("the read", |r| r["request"]["sql"].as_str().is_some_and(|s| s.starts_with("SELECT * FROM users")));
+    let log = serde_json::to_string(&f.agent.audit()).unwrap();
+    assert!(no_email(&log), "the audit log holds a clear email");
+    assert!(!log.contains(CARD) && !log.contains("123-45-6789") && !log.contains(APP_PASSWORD));
+}
+
+#[test]
+fn a_reload_that_changes_the_masks_closes_open_sessions() {
+    let Some(f) = fixture() else { return };
+    let bin = helper_bin("pg-client");
+    let mut cmd = f
+        .agent
+        .exec("analyst", &[bin.to_str().unwrap(), "query", "127.0.0.53", "5432", "whoever", "anything", "appdb"]);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run pg-client");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut connected = String::new();
+    stdout.read_line(&mut connected).unwrap();
+    assert!(connected.contains(r#""connected":true"#), "{connected}");
+    fn ask(
+        stdin: &mut std::process::ChildStdin,
+        stdout: &mut BufReader<std::process::ChildStdout>,
+        sql: &str,
+    ) -> Value {
+        stdin.write_all(format!("{sql}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("pg-client said: {line}"))
+    }
+    let base = policy(&f.pg, &f.pwfile, &f.keyfile);
+    let r = ask(&mut stdin, &mut stdout, "SELECT email FROM users WHERE id = 2");
+    assert!(r["ok"] == true && r["rows"][0][0].is_null(), "{r}");
+
+    // Another role's rule changes: this session's masks do not.
+    f.agent
+        .replace_policy(&base.replacen(
+            r#"name = "admin"
+[[roles.rules]]
+target = "app-db"
+allow = ["read","#,
+            r#"name = "admin"
+[[roles.rules]]
+target = "app-db"
+allow = ["utility", "read","#,
+            1,
+        ))
+        .unwrap();
+    let r = ask(&mut stdin, &mut stdout, "SELECT email FROM users WHERE id = 3");
+    assert!(r["ok"] == true && r["rows"][0][0].is_null(), "{r}");
+
+    // The analyst's masks change: the open session is closed.
+    let changed = base.replace(r#""detector:card"]"#, r#""detector:card", "detector:email"]"#);
+    assert_ne!(changed, base);
+    f.agent.replace_policy(&changed).unwrap();
+    let r = ask(&mut stdin, &mut stdout, "SELECT id FROM users WHERE id = 1");
+    assert_eq!(r["ok"], false, "{r}");
+    drop(stdin);
+    let _ = child.wait();
+    f.agent.wait_log("the session's masks changed with a policy reload");
+    let (out, err) = text(&psql(&f, "analyst", "SELECT email FROM users ORDER BY id;\n"));
+    assert_eq!(out, "****\n****\n****\n", "{err}");
+}
