@@ -140,6 +140,8 @@ struct RawRule {
     deny_tables: Option<Spanned<Vec<Spanned<String>>>>,
     allow_functions: Option<Spanned<Vec<Spanned<String>>>>,
     deny_functions: Option<Spanned<Vec<Spanned<String>>>>,
+    /// HTTP: how a held request is answered, `"hold"` (default) or `"early"`.
+    approval_response: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -155,6 +157,8 @@ struct RawMasking {
     hash_key: Option<Spanned<RawSecret>>,
     #[serde(default)]
     detectors: Vec<RawDetector>,
+    /// Largest JSON response body masked as a document.
+    max_json_body: Option<Spanned<RawSize>>,
 }
 
 #[derive(Deserialize)]
@@ -607,6 +611,17 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
             }
         });
         let websocket = raw.websocket.as_ref().map(|w| *w.get_ref());
+        let approval_response = match &raw.approval_response {
+            None => ApprovalResponse::Hold,
+            Some(r) => match r.get_ref().as_str() {
+                "hold" => ApprovalResponse::Hold,
+                "early" => ApprovalResponse::Early,
+                other => {
+                    errs.at_span(r, format!("approval_response must be \"hold\" or \"early\", not `{other}`"));
+                    ApprovalResponse::Hold
+                }
+            },
+        };
         if !is_http {
             if let Some(m) = &raw.max_body {
                 errs.at_span(m, format!("max_body applies to http targets; `{}` is {}", target.name, target.protocol));
@@ -614,10 +629,16 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
             if let Some(w) = &raw.websocket {
                 errs.at_span(w, format!("websocket applies to http targets; `{}` is {}", target.name, target.protocol));
             }
+            if let Some(r) = &raw.approval_response {
+                errs.at_span(
+                    r,
+                    format!("approval_response applies to http targets; `{}` is {}", target.name, target.protocol),
+                );
+            }
         }
         let http = is_http.then(|| {
             let [allow, approve, deny] = http_lists;
-            HttpRule { allow, approve, deny, max_body, websocket: websocket.unwrap_or(false) }
+            HttpRule { allow, approve, deny, max_body, websocket: websocket.unwrap_or(false), approval_response }
         });
         let [allow, approve, deny] = lists;
         let (masks, mask_plan) = masks(errs, policy, target, &raw.target, &raw.mask);
@@ -722,7 +743,16 @@ fn parse_size(s: &str) -> Option<u64> {
 }
 
 fn masking_section(errs: &mut Errors<'_>, m: RawMasking) -> MaskSettings {
-    let mut settings = MaskSettings { hash_key: m.hash_key.and_then(|k| secret(errs, k)), detectors: Vec::new() };
+    let max_json_body = m.max_json_body.as_ref().and_then(|v| match v.get_ref() {
+        RawSize::Bytes(n) if *n >= 0 => Some(*n as u64),
+        RawSize::Text(t) if parse_size(t).is_some() => parse_size(t),
+        _ => {
+            errs.at_span(v, "max_json_body must be a byte count or a size like \"4MiB\"");
+            None
+        }
+    });
+    let mut settings =
+        MaskSettings { hash_key: m.hash_key.and_then(|k| secret(errs, k)), detectors: Vec::new(), max_json_body };
     let mut names = HashSet::new();
     for d in m.detectors {
         if !unique(errs, &mut names, "detector", &d.name) {

@@ -8,6 +8,7 @@
 //! upstream with the target's credentials and streams the answer back, and
 //! [`reply`] builds portcullis' own answers.
 pub mod body;
+pub mod hold;
 pub mod reply;
 pub mod request;
 pub mod upstream;
@@ -186,6 +187,8 @@ pub struct Proxy {
     pub admission: Decision,
     pub sni: Option<String>,
     pub tls: bool,
+    /// Who is calling (for held requests).
+    caller: crate::audit::CallerInfo,
     /// The target's credential, resolved for this session (or why not).
     injection: Result<Option<Injection>, String>,
     seq: AtomicU64,
@@ -231,6 +234,7 @@ impl Proxy {
             admission,
             sni,
             tls,
+            caller: session.caller.clone(),
             injection,
             seq: AtomicU64::new(0),
             bytes_up: Arc::new(AtomicU64::new(0)),
@@ -238,9 +242,16 @@ impl Proxy {
         }
     }
 
-    /// Decides and, if allowed, forwards one request.
+    /// Decides and, if allowed, forwards one request. A request held for
+    /// approval has its body read (up to a bound) while it waits, so that a
+    /// caller that goes away is noticed.
     pub async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        match self.admit(&req).await {
+        let (parts, body) = req.into_parts();
+        let head = Request::from_parts(parts, ());
+        let mut watch = hold::BodyWatch::new(body);
+        let admitted = self.admit_watching(&head, watch.gone()).await;
+        let req = Request::from_parts(head.into_parts().0, watch.into_body());
+        match admitted {
             Ok(admitted) => self.forward(req, admitted).await,
             Err(resp) => resp,
         }
@@ -249,7 +260,19 @@ impl Proxy {
     /// Checks the request's host and path, decides it with the current
     /// policy and records the decision (on disk before anything that may
     /// change state is forwarded). `Err` is the answer to send instead.
+    /// A request its rule holds for approval waits here (until this future
+    /// is dropped: the caller is then taken as gone).
     pub async fn admit<B>(&self, req: &Request<B>) -> Result<Admitted, Response<Body>> {
+        self.admit_watching(req, std::future::pending()).await
+    }
+
+    /// [`Proxy::admit`], where `gone` resolves if the caller goes away while
+    /// its request is held.
+    pub async fn admit_watching<B>(
+        &self,
+        req: &Request<B>,
+        gone: impl std::future::Future<Output = ()>,
+    ) -> Result<Admitted, Response<Body>> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let method = req.method().clone();
         let raw_path = req.uri().path();
@@ -316,18 +339,16 @@ impl Proxy {
             &HttpRequest { method: method.as_str(), path: &path, content_length, websocket },
         );
         drop(policy);
-        match hd.decision.verdict {
+        let mut decision = match hd.decision.verdict {
             Verdict::Deny => {
                 let status = if hd.too_large { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::FORBIDDEN };
                 return Err(self.refuse(&info, &hd.decision, status));
             }
-            Verdict::Approve => {
-                // Held requests are answered here; a hold inserts itself at
-                // this one place and turns into an allow or a denial.
-                return Err(self.approval_required(&info, &hd.decision));
-            }
-            Verdict::Allow => {}
-        }
+            // Held here until a human answers; approved, it goes on as an
+            // allow, else the answer is the denial.
+            Verdict::Approve => self.hold(&info, &hd, gone).await?,
+            Verdict::Allow => hd.decision.clone(),
+        };
         let authority = match req.uri().authority() {
             Some(a) => a.as_str().to_ascii_lowercase(),
             None => req
@@ -338,10 +359,11 @@ impl Proxy {
                 .unwrap_or_else(|| host.clone()),
         };
         info.host.clone_from(&host);
+        decision.verdict = Verdict::Allow;
         let event = Event::Decision {
             session: self.session,
             request: info.request_info(None, 0, 0),
-            decision: DecisionInfo::from(&hd.decision),
+            decision: DecisionInfo::from(&decision),
         };
         if is_read_method(method.as_str()) {
             self.enforcer.audit.record(event);
@@ -354,7 +376,7 @@ impl Proxy {
             ));
         }
         Stats::inc(&self.enforcer.stats.allowed);
-        Ok(Admitted { seq, method, host, authority, path, decision: hd.decision, max_body: hd.max_body, websocket })
+        Ok(Admitted { seq, method, host, authority, path, decision, max_body: hd.max_body, websocket })
     }
 
     /// Records and answers a denial.
@@ -370,16 +392,104 @@ impl Proxy {
         reply::denied(status, d, self.session, info.seq)
     }
 
-    /// A request its rule holds for approval. Until holds exist it is
-    /// refused (fail closed), saying that approval is required.
-    fn approval_required(&self, info: &HttpInfo, d: &Decision) -> Response<Body> {
+    /// Holds a request its rule marks `approve` until a human answers
+    /// (`approval_response = "hold"`), or answers at once with the id to
+    /// approve (`"early"`, where an approved id lets one retry of the same
+    /// shape through). `Ok` is the decision to forward under; `Err` the
+    /// answer (recorded) to send instead.
+    async fn hold(
+        &self,
+        info: &HttpInfo,
+        hd: &crate::policy::HttpDecision,
+        gone: impl std::future::Future<Output = ()>,
+    ) -> Result<Decision, Response<Body>> {
+        use crate::{approvals::HoldRequest, policy::ApprovalResponse};
+        let d = &hd.decision;
+        let shape = hold::shape(&info.method, &info.path, hd.matched.as_deref());
+        let early = hd.approval_response == ApprovalResponse::Early;
+        let key = hold::EarlyKey { target: self.target.name.clone(), role: self.role.clone(), shape: shape.clone() };
+        if early {
+            match hold::EarlyAnswers::global().take(&key) {
+                Some(hold::Early::Approved { id, by, .. }) => {
+                    return Ok(Decision {
+                        verdict: Verdict::Allow,
+                        reason: format!("{}: approval {id} ({by}), answered early", d.reason),
+                        ..d.clone()
+                    });
+                }
+                Some(hold::Early::Pending(id)) => {
+                    self.record_held(info, d, StatusCode::FORBIDDEN);
+                    return Err(reply::approval_pending(d, self.session, info.seq, id));
+                }
+                None => {}
+            }
+        }
+        let approvals = self.enforcer.approvals.clone();
+        let ticket = approvals.submit(HoldRequest {
+            session: self.session,
+            caller: self.caller.clone(),
+            role: self.role.clone(),
+            target: self.target.name.clone(),
+            protocol: "http".into(),
+            request: format!("{} {}{}", info.method, info.host, info.path),
+            shape,
+            rule: d.rule.clone(),
+            timeout: d.approval_timeout,
+        });
+        let id = ticket.id;
+        // A standing approval answers at once: nothing is pending.
+        let standing = approvals.get(id).is_none();
+        if early && !standing {
+            hold::EarlyAnswers::global().pending(key.clone(), id);
+            let valid = d.approval_timeout;
+            tokio::spawn(async move {
+                let outcome = approvals.wait(ticket, std::future::pending()).await;
+                let by = outcome.approved().then(|| outcome.describe());
+                hold::EarlyAnswers::global().resolved(&key, id, by, valid);
+            });
+            self.record_held(info, d, StatusCode::FORBIDDEN);
+            return Err(reply::approval_pending(d, self.session, info.seq, id));
+        }
+        // The wait runs on its own task so that it ends (cancelled, and
+        // recorded) even when this future is dropped with the caller.
+        let (stay, left) = tokio::sync::oneshot::channel::<()>();
+        let mut waiter = tokio::spawn(async move {
+            approvals
+                .wait(ticket, async move {
+                    let _ = left.await;
+                })
+                .await
+        });
+        let held = &self.enforcer.stats.approvals_held;
+        held.fetch_add(1, Ordering::Relaxed);
+        let outcome = tokio::select! {
+            o = &mut waiter => o,
+            _ = gone => {
+                drop(stay);
+                waiter.await
+            }
+        };
+        held.fetch_sub(1, Ordering::Relaxed);
+        let outcome = outcome.unwrap_or(crate::approvals::Outcome::Cancelled);
+        let reason = format!("{}: approval {id}: {}", d.reason, outcome.describe());
+        if outcome.approved() {
+            return Ok(Decision { verdict: Verdict::Allow, reason, ..d.clone() });
+        }
+        let refused = Decision { verdict: Verdict::Deny, reason, ..d.clone() };
+        self.record_held(info, &refused, StatusCode::FORBIDDEN);
+        Err(reply::approval_refused(&refused, self.session, info.seq, id))
+    }
+
+    /// Records a held request's refusal (or early answer).
+    fn record_held(&self, info: &HttpInfo, d: &Decision, status: StatusCode) {
         Stats::inc(&self.enforcer.stats.denied);
+        debug!(session = %self.session, method = %info.method, host = %info.host, path = %info.path,
+               rule = %d.rule, reason = %d.reason, "held request not forwarded");
         self.enforcer.audit.record(Event::Decision {
             session: self.session,
-            request: info.request_info(Some(StatusCode::FORBIDDEN.as_u16()), 0, 0),
+            request: info.request_info(Some(status.as_u16()), 0, 0),
             decision: DecisionInfo::from(d),
         });
-        reply::approval_required(d, self.session, info.seq)
     }
 
     /// Sends an admitted request upstream with the target's credentials and
