@@ -9,6 +9,7 @@
 //! [`reply`] builds portcullis' own answers.
 pub mod body;
 pub mod hold;
+pub mod mask;
 pub mod reply;
 pub mod request;
 pub mod upstream;
@@ -47,9 +48,10 @@ use self::{
 };
 use super::{Outcome, Session};
 use crate::{
-    audit::{Audit, DecisionInfo, Event, RequestInfo},
+    audit::{Audit, DecisionInfo, Event, RequestInfo, ResponseSummary},
     enforcer::{Enforcer, Stats},
     ids::{OrigDst, SessionId},
+    masking::{spec::DEFAULT_MAX_JSON_BODY, Plan, SessionMasker},
     policy::{decide_http, is_read_method, Decision, HttpRequest, Target, Verdict},
     tls::{LocalCa, TlsError},
 };
@@ -176,6 +178,9 @@ where
     }
 }
 
+/// A session's masker for one plan, or why it could not start.
+type CachedMasker = (Arc<Plan>, Result<SessionMasker, String>);
+
 /// One caller connection: what requests are decided against and sent with.
 pub struct Proxy {
     pub session: SessionId,
@@ -189,6 +194,11 @@ pub struct Proxy {
     pub tls: bool,
     /// Who is calling (for held requests).
     caller: crate::audit::CallerInfo,
+    /// The injected secrets, raw: masked in every response.
+    secrets: Vec<crate::credentials::Secret>,
+    /// This session's masker for the plan of its rule (rebuilt when a
+    /// reload brings another plan), or why there is none.
+    masker: Mutex<Option<CachedMasker>>,
     /// The target's credential, resolved for this session (or why not).
     injection: Result<Option<Injection>, String>,
     seq: AtomicU64,
@@ -225,6 +235,17 @@ impl Proxy {
         if let Err(e) = &injection {
             warn!(session = %session.id, target = %session.target.name, error = %e, "credentials unavailable");
         }
+        let secrets = match (&session.target.credentials, &injection) {
+            (Some(c), Ok(Some(_))) => c
+                .http_injection()
+                .ok()
+                .and_then(|spec| request::injected_secrets(spec, crate::credentials::resolve).ok())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        for s in &secrets {
+            session.enforcer.audit.register_secret(s);
+        }
         Proxy {
             session: session.id,
             target: session.target.clone(),
@@ -235,6 +256,8 @@ impl Proxy {
             sni,
             tls,
             caller: session.caller.clone(),
+            secrets,
+            masker: Mutex::new(None),
             injection,
             seq: AtomicU64::new(0),
             bytes_up: Arc::new(AtomicU64::new(0)),
@@ -511,12 +534,26 @@ impl Proxy {
                 return reply::error(StatusCode::BAD_GATEWAY, "credentials_unavailable", &e);
             }
         };
+        let masker = match self.masker_for(&a.decision) {
+            Ok(m) => m,
+            Err(e) => {
+                let e = format!("masking: {e}");
+                self.end(&info, &exchange, StatusCode::BAD_GATEWAY, Some(e.clone()));
+                return reply::error(StatusCode::BAD_GATEWAY, "masking_unavailable", &e);
+            }
+        };
         let caller_upgrade = a.websocket.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
         request::strip_hop_by_hop(&mut parts.headers, a.websocket);
         parts.headers.remove(header::HOST);
         // The body is streamed as soon as the upstream takes it.
         parts.headers.remove(header::EXPECT);
+        if masker.is_some() {
+            // Only codings that can be taken off, and whole bodies.
+            mask::accept_encoding(&mut parts.headers);
+            parts.headers.remove(header::RANGE);
+            parts.headers.remove(header::IF_RANGE);
+        }
         let query = parts.uri.query();
         let pq = match &injection {
             Some(i) => i.apply(&mut parts.headers, &info.path, query),
@@ -587,15 +624,88 @@ impl Proxy {
         request::strip_hop_by_hop(&mut parts.headers, false);
         // The caller's side writes its own version.
         parts.version = Version::HTTP_11;
-        let on_end = Box::new(EndRecorder { proxy: self.clone(), info, status });
-        let body = self.response_body(&parts, ResponseBody::new(incoming, exchange, on_end));
+        let body = match masker {
+            None => {
+                let on_end = Box::new(EndRecorder { proxy: self.clone(), info, status });
+                body::boxed(ResponseBody::new(incoming, exchange, on_end))
+            }
+            Some((m, cap)) => match self.masked_body(&mut parts, incoming, m, cap) {
+                Ok(masked) => {
+                    let on_end = Box::new(EndRecorder { proxy: self.clone(), info, status });
+                    body::boxed(ResponseBody::new(masked, exchange, on_end))
+                }
+                Err(e) => {
+                    warn!(session = %self.session, target = %self.target.name, error = %e, "response not masked; refused");
+                    self.end(&info, &exchange, StatusCode::BAD_GATEWAY, Some(e.clone()));
+                    return reply::error(StatusCode::BAD_GATEWAY, "masking_failed", &e);
+                }
+            },
+        };
         Response::from_parts(parts, body)
     }
 
-    /// The one place a response body passes on its way to the caller: a
-    /// streaming transform (masking) wraps it here.
-    fn response_body(&self, _parts: &http::response::Parts, body: ResponseBody<Incoming>) -> Body {
-        body::boxed(body)
+    /// The masker for an admitted request's rule, with the JSON size cap;
+    /// `None` when there is nothing to mask (no `mask` entries and no
+    /// injected credential).
+    fn masker_for(&self, d: &Decision) -> Result<Option<(SessionMasker, usize)>, String> {
+        let policy = self.enforcer.policy();
+        let rule = d.role.as_deref().and_then(|r| policy.role(r)).and_then(|r| r.rule_for(&self.target.name));
+        let has_masks = rule.is_some_and(|r| !r.masks.is_empty());
+        if !has_masks && self.secrets.is_empty() {
+            return Ok(None);
+        }
+        let plan = match rule {
+            Some(r) => r.mask_plan.clone(),
+            None => Arc::new(Plan::credentials_only()),
+        };
+        let cap = usize::try_from(policy.masking.max_json_body.unwrap_or(DEFAULT_MAX_JSON_BODY)).unwrap_or(usize::MAX);
+        let mut cache = self.masker.lock().expect("masker");
+        if let Some((p, m)) = cache.as_ref() {
+            if Arc::ptr_eq(p, &plan) {
+                return m.clone().map(|m| Some((m, cap)));
+            }
+        }
+        let refs: Vec<&crate::credentials::Secret> = self.secrets.iter().collect();
+        let m = SessionMasker::start(plan.clone(), &policy.masking, &refs).map_err(|e| e.to_string());
+        *cache = Some((plan, m.clone()));
+        m.map(|m| Some((m, cap)))
+    }
+
+    /// Masks a response's headers and wraps its body in the masker its
+    /// content type calls for; `Err` when the body cannot be masked.
+    fn masked_body(
+        &self,
+        parts: &mut http::response::Parts,
+        incoming: Incoming,
+        mut m: SessionMasker,
+        cap: usize,
+    ) -> Result<Body, String> {
+        mask::mask_headers(&mut m, &mut parts.headers);
+        let kind = mask::classify(parts.headers.get(header::CONTENT_TYPE));
+        if kind == mask::Kind::Binary {
+            if self.secrets.is_empty() {
+                return Ok(body::boxed(incoming));
+            }
+            let raw: Vec<&[u8]> = self.secrets.iter().map(|s| s.expose().as_bytes()).collect();
+            return Ok(body::boxed(mask::MaskedBody::binary(incoming, &raw)));
+        }
+        let coding = mask::coding(&parts.headers)?;
+        let h = &mut parts.headers;
+        h.remove(header::CONTENT_LENGTH);
+        h.remove(header::ACCEPT_RANGES);
+        h.remove(header::CONTENT_RANGE);
+        for name in ["content-md5", "digest", "content-digest", "repr-digest"] {
+            h.remove(name);
+        }
+        if coding != mask::Coding::Identity {
+            h.remove(header::CONTENT_ENCODING);
+        }
+        let decoder = mask::Decoder::new(coding);
+        let window = crate::masking::stream::DEFAULT_WINDOW;
+        Ok(match kind {
+            mask::Kind::Json => body::boxed(mask::MaskedBody::json(incoming, m, cap, window, decoder)),
+            _ => body::boxed(mask::MaskedBody::text(incoming, &m, window, decoder)),
+        })
     }
 
     fn client(&self) -> Result<PooledClient, String> {
@@ -676,7 +786,17 @@ struct EndRecorder {
 
 impl OnEnd for EndRecorder {
     fn on_end(self: Box<Self>, exchange: &Exchange, error: Option<String>) {
+        let bytes = exchange.bytes_down.load(Ordering::Relaxed);
         self.proxy.end(&self.info, exchange, self.status, error);
+        // What the caller got, after masking (no content is recorded).
+        self.proxy.enforcer.audit.record(Event::Response {
+            session: self.proxy.session,
+            summary: ResponseSummary {
+                status: Some(self.status.as_u16().to_string()),
+                bytes,
+                ..ResponseSummary::default()
+            },
+        });
     }
 }
 
