@@ -1005,6 +1005,19 @@ approval_timeout = "soon"
     }
 
     #[test]
+    fn approval_response_and_max_json_body() {
+        let src = format!(
+            "{HTTP_HEAD}[[roles.rules]]\ntarget = \"api\"\napprove = [\"DELETE\"]\napproval_response = \"early\"\n[masking]\nmax_json_body = \"1MiB\"\n"
+        );
+        let p = parse(&src).expect("valid");
+        assert_eq!(p.masking.max_json_body, Some(1 << 20));
+        let http = p.role("r").unwrap().rules[0].http.clone().expect("http part");
+        assert_eq!(http.approval_response, ApprovalResponse::Early);
+        let bad = src.replace("\"early\"", "\"later\"");
+        assert!(errors(&bad).iter().any(|e| e.message.contains("approval_response must be")), "{:?}", errors(&bad));
+    }
+
+    #[test]
     fn http_rules_compile_to_patterns() {
         let src = format!(
             "{HTTP_HEAD}[[roles.rules]]\ntarget = \"api\"\nallow = [\"read\", \"POST  /repos/*/issues\"]\ndeny = [\"*\"]\nmax_body = \"10MiB\"\nwebsocket = true\n"
