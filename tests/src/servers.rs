@@ -474,6 +474,10 @@ async fn route(mut req: hyper::Request<hyper::body::Incoming>, st: Arc<HttpState
             .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
             .unwrap();
     }
+    if let Some(name) = path.strip_prefix("/fixture/") {
+        let auth = req.headers().get("authorization").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        return fixture(name, auth.unwrap_or_default());
+    }
     // Drain any body so its length is recorded.
     let mut body = req.into_body();
     let mut n = 0u64;
@@ -911,4 +915,76 @@ async fn git_cgi(req: hyper::Request<hyper::body::Incoming>, ctx: GitCtx) -> hyp
     state.seen.lock().unwrap().push(seen);
     let body = bytes::Bytes::copy_from_slice(&raw[end + sep..]);
     resp.status(status).body(http_body_util::Full::new(body).map_err(|e| match e {}).boxed()).unwrap()
+/// Fixed responses for masking tests (`GET /fixture/NAME`): `json` (an
+/// email, a card number and an AWS key), `text` (a text body sent in
+/// small chunks with an email split across two of them), `gzip` (the JSON,
+/// gzip-coded), `echo` (the Authorization the server got, raw, base64 and
+/// percent-encoded, in JSON and in headers).
+pub const FIXTURE_JSON: &str = r#"{"user":{"email":"alice@example.com","card":"4111 1111 1111 1111"},"aws":"AKIAIOSFODNN7EXAMPLE","note":"plain"}"#;
+/// The email split across chunks in `/fixture/text`.
+pub const FIXTURE_TEXT_EMAIL: &str = "bob.builder@example.org";
+
+fn fixture(name: &str, auth: String) -> hyper::Response<TestBody> {
+    use http_body_util::BodyExt;
+    let full = |ct: &str, body: Vec<u8>| {
+        hyper::Response::builder()
+            .status(200)
+            .header("content-type", ct)
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)).map_err(|e| match e {}).boxed())
+            .unwrap()
+    };
+    match name {
+        "json" => full("application/json", FIXTURE_JSON.as_bytes().to_vec()),
+        "gzip" => {
+            use std::io::Write;
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            gz.write_all(FIXTURE_JSON.as_bytes()).unwrap();
+            let mut r = full("application/json", gz.finish().unwrap());
+            r.headers_mut().insert("content-encoding", hyper::header::HeaderValue::from_static("gzip"));
+            r
+        }
+        "text" => {
+            let text = format!(
+                "{}contact {FIXTURE_TEXT_EMAIL} for access\n{}",
+                "lorem ipsum ".repeat(50),
+                "dolor ".repeat(50)
+            );
+            let at = text.find(FIXTURE_TEXT_EMAIL).unwrap() + 5;
+            let (a, b) = text.split_at(at);
+            let (a, b) = (a.to_string(), b.to_string());
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>>(1);
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(hyper::body::Frame::data(a.into()))).await;
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                let _ = tx.send(Ok(hyper::body::Frame::data(b.into()))).await;
+            });
+            hyper::Response::builder()
+                .status(200)
+                .header("content-type", "text/plain; charset=utf-8")
+                .body(http_body_util::StreamBody::new(tokio_stream(rx)).boxed())
+                .unwrap()
+        }
+        "echo" => {
+            use base64::Engine;
+            let token = auth.strip_prefix("Bearer ").unwrap_or(&auth).to_string();
+            let b64 = base64::engine::general_purpose::STANDARD.encode(&token);
+            let pct: String = token
+                .bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect();
+            let body = format!(r#"{{"authorization":"{auth}","b64":"{b64}","url":"https://x.test/?t={pct}"}}"#);
+            let mut r = full("application/json", body.into_bytes());
+            let h = r.headers_mut();
+            h.insert("x-echo-token", hyper::header::HeaderValue::from_str(&token).unwrap());
+            h.insert("x-echo-b64", hyper::header::HeaderValue::from_str(&b64).unwrap());
+            r
+        }
+        _ => text(404, "{}".into()),
+    }
 }

@@ -64,6 +64,7 @@ allow = ["read", "POST /upload", "PUT /upload", "POST /release/*"]
 approve = ["POST /deploy/**"]
 deny = ["DELETE", "* /admin/**"]
 max_body = "16MiB"
+approval_response = "early"
 [[roles.rules]]
 target = "plain"
 allow = ["GET"]
@@ -243,12 +244,14 @@ fn denied_and_held_requests_get_403_json_naming_the_rule() {
     assert_eq!(code, 403);
     assert!(json(&body)["reason"].as_str().unwrap().contains("/admin/**"));
 
-    // Approval: refused (no holds yet), saying so.
+    // Approval, answered early: refused for now, with the id to approve
+    // (holds are tested in http_approvals.rs).
     let (_, body, code, _) = f.curl(&["-X", "POST", "-d", "x", "https://api.example.test/deploy/prod"]);
     assert_eq!(code, 403);
     let v = json(&body);
     assert_eq!(v["error"], "approval_required");
     assert_eq!(v["verdict"], "approve");
+    assert!(v["approval"].is_string(), "{v}");
 
     // Unlisted: default deny. Path tricks are refused, not normalised away.
     let (_, _, code, _) = f.curl(&["-X", "PATCH", "https://api.example.test/repos/a"]);

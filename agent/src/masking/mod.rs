@@ -378,6 +378,7 @@ mod tests {
                 .iter()
                 .map(|(n, p)| CustomDetector { name: n.to_string(), pattern: p.to_string() })
                 .collect(),
+            max_json_body: None,
         };
         let names = settings.custom_names();
         let rules: Vec<MaskRule> = entries.iter().map(|e| spec::parse_rule(e, &names).unwrap()).collect();

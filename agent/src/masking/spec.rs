@@ -409,7 +409,13 @@ pub struct MaskSettings {
     #[serde(skip)]
     pub hash_key: Option<SecretRef>,
     pub detectors: Vec<CustomDetector>,
+    /// Largest JSON response body masked as one document (None: the
+    /// default, [`DEFAULT_MAX_JSON_BODY`]); a longer one is masked as text.
+    pub max_json_body: Option<u64>,
 }
+
+/// The default of `[masking] max_json_body`.
+pub const DEFAULT_MAX_JSON_BODY: u64 = 4 << 20;
 
 impl MaskSettings {
     pub fn custom_names(&self) -> Vec<&str> {

@@ -234,6 +234,10 @@ pub struct HttpDecision {
     pub max_body: Option<u64>,
     /// Denied because the declared body is over `max_body` (413, not 403).
     pub too_large: bool,
+    /// The rule entry that decided (as written), if one did.
+    pub matched: Option<String>,
+    /// How a held request is answered (for `Approve`).
+    pub approval_response: ApprovalResponse,
 }
 
 /// Decides an HTTP request. The entries of the role's rule that cover the
@@ -244,7 +248,13 @@ pub struct HttpDecision {
 /// `websocket = true`, a declared body must fit `max_body`. TRACE and
 /// CONNECT are never forwarded.
 pub fn decide_http(policy: &Policy, role: Option<&str>, target: &Target, req: &HttpRequest<'_>) -> HttpDecision {
-    let plain = |decision| HttpDecision { decision, max_body: None, too_large: false };
+    let plain = |decision| HttpDecision {
+        decision,
+        max_body: None,
+        too_large: false,
+        matched: None,
+        approval_response: ApprovalResponse::Hold,
+    };
     let (role, rule) = match rule_of(policy, role, target) {
         Err(d) => return plain(d),
         Ok(x) => x,
@@ -296,6 +306,8 @@ pub fn decide_http(policy: &Policy, role: Option<&str>, target: &Target, req: &H
         },
         max_body: http.max_body,
         too_large,
+        matched: best.map(|(_, _, p)| p.text.clone()),
+        approval_response: http.approval_response,
     }
 }
 

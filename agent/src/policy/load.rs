@@ -142,6 +142,8 @@ struct RawRule {
     deny_functions: Option<Spanned<Vec<Spanned<String>>>>,
     /// git: the repository rules (`[[roles.rules.repos]]`).
     repos: Option<Spanned<Vec<Spanned<RawRepo>>>>,
+    /// HTTP: how a held request is answered, `"hold"` (default) or `"early"`.
+    approval_response: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -174,6 +176,8 @@ struct RawMasking {
     hash_key: Option<Spanned<RawSecret>>,
     #[serde(default)]
     detectors: Vec<RawDetector>,
+    /// Largest JSON response body masked as a document.
+    max_json_body: Option<Spanned<RawSize>>,
 }
 
 #[derive(Deserialize)]
@@ -638,6 +642,17 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
             }
         });
         let websocket = raw.websocket.as_ref().map(|w| *w.get_ref());
+        let approval_response = match &raw.approval_response {
+            None => ApprovalResponse::Hold,
+            Some(r) => match r.get_ref().as_str() {
+                "hold" => ApprovalResponse::Hold,
+                "early" => ApprovalResponse::Early,
+                other => {
+                    errs.at_span(r, format!("approval_response must be \"hold\" or \"early\", not `{other}`"));
+                    ApprovalResponse::Hold
+                }
+            },
+        };
         if !is_http {
             if let (Some(m), false) = (&raw.max_body, is_git) {
                 errs.at_span(
@@ -651,10 +666,16 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
             if let Some(w) = &raw.websocket {
                 errs.at_span(w, format!("websocket applies to http targets; `{}` is {}", target.name, target.protocol));
             }
+            if let Some(r) = &raw.approval_response {
+                errs.at_span(
+                    r,
+                    format!("approval_response applies to http targets; `{}` is {}", target.name, target.protocol),
+                );
+            }
         }
         let http = is_http.then(|| {
             let [allow, approve, deny] = http_lists;
-            HttpRule { allow, approve, deny, max_body, websocket: websocket.unwrap_or(false) }
+            HttpRule { allow, approve, deny, max_body, websocket: websocket.unwrap_or(false), approval_response }
         });
         let git = match (is_git, raw.repos) {
             (true, repos) => Some(GitRule {
@@ -826,7 +847,16 @@ fn parse_size(s: &str) -> Option<u64> {
 }
 
 fn masking_section(errs: &mut Errors<'_>, m: RawMasking) -> MaskSettings {
-    let mut settings = MaskSettings { hash_key: m.hash_key.and_then(|k| secret(errs, k)), detectors: Vec::new() };
+    let max_json_body = m.max_json_body.as_ref().and_then(|v| match v.get_ref() {
+        RawSize::Bytes(n) if *n >= 0 => Some(*n as u64),
+        RawSize::Text(t) if parse_size(t).is_some() => parse_size(t),
+        _ => {
+            errs.at_span(v, "max_json_body must be a byte count or a size like \"4MiB\"");
+            None
+        }
+    });
+    let mut settings =
+        MaskSettings { hash_key: m.hash_key.and_then(|k| secret(errs, k)), detectors: Vec::new(), max_json_body };
     let mut names = HashSet::new();
     for d in m.detectors {
         if !unique(errs, &mut names, "detector", &d.name) {
@@ -1076,6 +1106,19 @@ approval_timeout = "soon"
         assert!(has(&errs, 15, "max_body must be"), "{errs:?}");
         assert!(has(&errs, 19, "max_body applies to http targets"), "{errs:?}");
         assert!(has(&errs, 20, "websocket applies to http targets"), "{errs:?}");
+    }
+
+    #[test]
+    fn approval_response_and_max_json_body() {
+        let src = format!(
+            "{HTTP_HEAD}[[roles.rules]]\ntarget = \"api\"\napprove = [\"DELETE\"]\napproval_response = \"early\"\n[masking]\nmax_json_body = \"1MiB\"\n"
+        );
+        let p = parse(&src).expect("valid");
+        assert_eq!(p.masking.max_json_body, Some(1 << 20));
+        let http = p.role("r").unwrap().rules[0].http.clone().expect("http part");
+        assert_eq!(http.approval_response, ApprovalResponse::Early);
+        let bad = src.replace("\"early\"", "\"later\"");
+        assert!(errors(&bad).iter().any(|e| e.message.contains("approval_response must be")), "{:?}", errors(&bad));
     }
 
     #[test]

@@ -424,6 +424,21 @@ pub struct HttpRule {
     pub max_body: Option<u64>,
     /// Whether WebSocket upgrades may be forwarded.
     pub websocket: bool,
+    /// How a request this rule holds for approval is answered.
+    pub approval_response: ApprovalResponse,
+}
+
+/// How an HTTP request held for approval is answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApprovalResponse {
+    /// The response waits until the request is approved (then forwarded),
+    /// denied or timed out.
+    #[default]
+    Hold,
+    /// 403 `approval_required` with the approval id at once; once approved,
+    /// a retry of the same request shape is let through.
+    Early,
 }
 
 /// One entry of an HTTP rule list: `*`, a class (`GET`, `read`, `write`,

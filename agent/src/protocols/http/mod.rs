@@ -8,6 +8,8 @@
 //! upstream with the target's credentials and streams the answer back, and
 //! [`reply`] builds portcullis' own answers.
 pub mod body;
+pub mod hold;
+pub mod mask;
 pub mod reply;
 pub mod request;
 pub mod upstream;
@@ -46,9 +48,10 @@ use self::{
 };
 use super::{Outcome, Session};
 use crate::{
-    audit::{Audit, DecisionInfo, Event, RequestInfo},
+    audit::{Audit, DecisionInfo, Event, RequestInfo, ResponseSummary},
     enforcer::{Enforcer, Stats},
     ids::{OrigDst, SessionId},
+    masking::{spec::DEFAULT_MAX_JSON_BODY, Plan, SessionMasker},
     policy::{decide_http, is_read_method, Decision, HttpRequest, Target, Verdict},
     tls::{LocalCa, TlsError},
 };
@@ -175,6 +178,9 @@ where
     }
 }
 
+/// A session's masker for one plan, or why it could not start.
+type CachedMasker = (Arc<Plan>, Result<SessionMasker, String>);
+
 /// One caller connection: what requests are decided against and sent with.
 pub struct Proxy {
     pub session: SessionId,
@@ -186,6 +192,13 @@ pub struct Proxy {
     pub admission: Decision,
     pub sni: Option<String>,
     pub tls: bool,
+    /// Who is calling (for held requests).
+    caller: crate::audit::CallerInfo,
+    /// The injected secrets, raw: masked in every response.
+    secrets: Vec<crate::credentials::Secret>,
+    /// This session's masker for the plan of its rule (rebuilt when a
+    /// reload brings another plan), or why there is none.
+    masker: Mutex<Option<CachedMasker>>,
     /// The target's credential, resolved for this session (or why not).
     injection: Result<Option<Injection>, String>,
     seq: AtomicU64,
@@ -222,6 +235,17 @@ impl Proxy {
         if let Err(e) = &injection {
             warn!(session = %session.id, target = %session.target.name, error = %e, "credentials unavailable");
         }
+        let secrets = match (&session.target.credentials, &injection) {
+            (Some(c), Ok(Some(_))) => c
+                .http_injection()
+                .ok()
+                .and_then(|spec| request::injected_secrets(spec, crate::credentials::resolve).ok())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        for s in &secrets {
+            session.enforcer.audit.register_secret(s);
+        }
         Proxy {
             session: session.id,
             target: session.target.clone(),
@@ -231,6 +255,9 @@ impl Proxy {
             admission,
             sni,
             tls,
+            caller: session.caller.clone(),
+            secrets,
+            masker: Mutex::new(None),
             injection,
             seq: AtomicU64::new(0),
             bytes_up: Arc::new(AtomicU64::new(0)),
@@ -238,9 +265,16 @@ impl Proxy {
         }
     }
 
-    /// Decides and, if allowed, forwards one request.
+    /// Decides and, if allowed, forwards one request. A request held for
+    /// approval has its body read (up to a bound) while it waits, so that a
+    /// caller that goes away is noticed.
     pub async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        match self.admit(&req).await {
+        let (parts, body) = req.into_parts();
+        let head = Request::from_parts(parts, ());
+        let mut watch = hold::BodyWatch::new(body);
+        let admitted = self.admit_watching(&head, watch.gone()).await;
+        let req = Request::from_parts(head.into_parts().0, watch.into_body());
+        match admitted {
             Ok(admitted) => self.forward(req, admitted).await,
             Err(resp) => resp,
         }
@@ -249,7 +283,19 @@ impl Proxy {
     /// Checks the request's host and path, decides it with the current
     /// policy and records the decision (on disk before anything that may
     /// change state is forwarded). `Err` is the answer to send instead.
+    /// A request its rule holds for approval waits here (until this future
+    /// is dropped: the caller is then taken as gone).
     pub async fn admit<B>(&self, req: &Request<B>) -> Result<Admitted, Response<Body>> {
+        self.admit_watching(req, std::future::pending()).await
+    }
+
+    /// [`Proxy::admit`], where `gone` resolves if the caller goes away while
+    /// its request is held.
+    pub async fn admit_watching<B>(
+        &self,
+        req: &Request<B>,
+        gone: impl std::future::Future<Output = ()>,
+    ) -> Result<Admitted, Response<Body>> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let method = req.method().clone();
         let raw_path = req.uri().path();
@@ -316,18 +362,16 @@ impl Proxy {
             &HttpRequest { method: method.as_str(), path: &path, content_length, websocket },
         );
         drop(policy);
-        match hd.decision.verdict {
+        let mut decision = match hd.decision.verdict {
             Verdict::Deny => {
                 let status = if hd.too_large { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::FORBIDDEN };
                 return Err(self.refuse(&info, &hd.decision, status));
             }
-            Verdict::Approve => {
-                // Held requests are answered here; a hold inserts itself at
-                // this one place and turns into an allow or a denial.
-                return Err(self.approval_required(&info, &hd.decision));
-            }
-            Verdict::Allow => {}
-        }
+            // Held here until a human answers; approved, it goes on as an
+            // allow, else the answer is the denial.
+            Verdict::Approve => self.hold(&info, &hd, gone).await?,
+            Verdict::Allow => hd.decision.clone(),
+        };
         let authority = match req.uri().authority() {
             Some(a) => a.as_str().to_ascii_lowercase(),
             None => req
@@ -338,10 +382,11 @@ impl Proxy {
                 .unwrap_or_else(|| host.clone()),
         };
         info.host.clone_from(&host);
+        decision.verdict = Verdict::Allow;
         let event = Event::Decision {
             session: self.session,
             request: info.request_info(None, 0, 0),
-            decision: DecisionInfo::from(&hd.decision),
+            decision: DecisionInfo::from(&decision),
         };
         if is_read_method(method.as_str()) {
             self.enforcer.audit.record(event);
@@ -354,7 +399,7 @@ impl Proxy {
             ));
         }
         Stats::inc(&self.enforcer.stats.allowed);
-        Ok(Admitted { seq, method, host, authority, path, decision: hd.decision, max_body: hd.max_body, websocket })
+        Ok(Admitted { seq, method, host, authority, path, decision, max_body: hd.max_body, websocket })
     }
 
     /// Records and answers a denial.
@@ -370,16 +415,104 @@ impl Proxy {
         reply::denied(status, d, self.session, info.seq)
     }
 
-    /// A request its rule holds for approval. Until holds exist it is
-    /// refused (fail closed), saying that approval is required.
-    fn approval_required(&self, info: &HttpInfo, d: &Decision) -> Response<Body> {
+    /// Holds a request its rule marks `approve` until a human answers
+    /// (`approval_response = "hold"`), or answers at once with the id to
+    /// approve (`"early"`, where an approved id lets one retry of the same
+    /// shape through). `Ok` is the decision to forward under; `Err` the
+    /// answer (recorded) to send instead.
+    async fn hold(
+        &self,
+        info: &HttpInfo,
+        hd: &crate::policy::HttpDecision,
+        gone: impl std::future::Future<Output = ()>,
+    ) -> Result<Decision, Response<Body>> {
+        use crate::{approvals::HoldRequest, policy::ApprovalResponse};
+        let d = &hd.decision;
+        let shape = hold::shape(&info.method, &info.path, hd.matched.as_deref());
+        let early = hd.approval_response == ApprovalResponse::Early;
+        let key = hold::EarlyKey { target: self.target.name.clone(), role: self.role.clone(), shape: shape.clone() };
+        if early {
+            match hold::EarlyAnswers::global().take(&key) {
+                Some(hold::Early::Approved { id, by, .. }) => {
+                    return Ok(Decision {
+                        verdict: Verdict::Allow,
+                        reason: format!("{}: approval {id} ({by}), answered early", d.reason),
+                        ..d.clone()
+                    });
+                }
+                Some(hold::Early::Pending(id)) => {
+                    self.record_held(info, d, StatusCode::FORBIDDEN);
+                    return Err(reply::approval_pending(d, self.session, info.seq, id));
+                }
+                None => {}
+            }
+        }
+        let approvals = self.enforcer.approvals.clone();
+        let ticket = approvals.submit(HoldRequest {
+            session: self.session,
+            caller: self.caller.clone(),
+            role: self.role.clone(),
+            target: self.target.name.clone(),
+            protocol: "http".into(),
+            request: format!("{} {}{}", info.method, info.host, info.path),
+            shape,
+            rule: d.rule.clone(),
+            timeout: d.approval_timeout,
+        });
+        let id = ticket.id;
+        // A standing approval answers at once: nothing is pending.
+        let standing = approvals.get(id).is_none();
+        if early && !standing {
+            hold::EarlyAnswers::global().pending(key.clone(), id);
+            let valid = d.approval_timeout;
+            tokio::spawn(async move {
+                let outcome = approvals.wait(ticket, std::future::pending()).await;
+                let by = outcome.approved().then(|| outcome.describe());
+                hold::EarlyAnswers::global().resolved(&key, id, by, valid);
+            });
+            self.record_held(info, d, StatusCode::FORBIDDEN);
+            return Err(reply::approval_pending(d, self.session, info.seq, id));
+        }
+        // The wait runs on its own task so that it ends (cancelled, and
+        // recorded) even when this future is dropped with the caller.
+        let (stay, left) = tokio::sync::oneshot::channel::<()>();
+        let mut waiter = tokio::spawn(async move {
+            approvals
+                .wait(ticket, async move {
+                    let _ = left.await;
+                })
+                .await
+        });
+        let held = &self.enforcer.stats.approvals_held;
+        held.fetch_add(1, Ordering::Relaxed);
+        let outcome = tokio::select! {
+            o = &mut waiter => o,
+            _ = gone => {
+                drop(stay);
+                waiter.await
+            }
+        };
+        held.fetch_sub(1, Ordering::Relaxed);
+        let outcome = outcome.unwrap_or(crate::approvals::Outcome::Cancelled);
+        let reason = format!("{}: approval {id}: {}", d.reason, outcome.describe());
+        if outcome.approved() {
+            return Ok(Decision { verdict: Verdict::Allow, reason, ..d.clone() });
+        }
+        let refused = Decision { verdict: Verdict::Deny, reason, ..d.clone() };
+        self.record_held(info, &refused, StatusCode::FORBIDDEN);
+        Err(reply::approval_refused(&refused, self.session, info.seq, id))
+    }
+
+    /// Records a held request's refusal (or early answer).
+    fn record_held(&self, info: &HttpInfo, d: &Decision, status: StatusCode) {
         Stats::inc(&self.enforcer.stats.denied);
+        debug!(session = %self.session, method = %info.method, host = %info.host, path = %info.path,
+               rule = %d.rule, reason = %d.reason, "held request not forwarded");
         self.enforcer.audit.record(Event::Decision {
             session: self.session,
-            request: info.request_info(Some(StatusCode::FORBIDDEN.as_u16()), 0, 0),
+            request: info.request_info(Some(status.as_u16()), 0, 0),
             decision: DecisionInfo::from(d),
         });
-        reply::approval_required(d, self.session, info.seq)
     }
 
     /// Sends an admitted request upstream with the target's credentials and
@@ -401,12 +534,26 @@ impl Proxy {
                 return reply::error(StatusCode::BAD_GATEWAY, "credentials_unavailable", &e);
             }
         };
+        let masker = match self.masker_for(&a.decision) {
+            Ok(m) => m,
+            Err(e) => {
+                let e = format!("masking: {e}");
+                self.end(&info, &exchange, StatusCode::BAD_GATEWAY, Some(e.clone()));
+                return reply::error(StatusCode::BAD_GATEWAY, "masking_unavailable", &e);
+            }
+        };
         let caller_upgrade = a.websocket.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
         request::strip_hop_by_hop(&mut parts.headers, a.websocket);
         parts.headers.remove(header::HOST);
         // The body is streamed as soon as the upstream takes it.
         parts.headers.remove(header::EXPECT);
+        if masker.is_some() {
+            // Only codings that can be taken off, and whole bodies.
+            mask::accept_encoding(&mut parts.headers);
+            parts.headers.remove(header::RANGE);
+            parts.headers.remove(header::IF_RANGE);
+        }
         let query = parts.uri.query();
         let pq = match &injection {
             Some(i) => i.apply(&mut parts.headers, &info.path, query),
@@ -477,15 +624,88 @@ impl Proxy {
         request::strip_hop_by_hop(&mut parts.headers, false);
         // The caller's side writes its own version.
         parts.version = Version::HTTP_11;
-        let on_end = Box::new(EndRecorder { proxy: self.clone(), info, status });
-        let body = self.response_body(&parts, ResponseBody::new(incoming, exchange, on_end));
+        let body = match masker {
+            None => {
+                let on_end = Box::new(EndRecorder { proxy: self.clone(), info, status });
+                body::boxed(ResponseBody::new(incoming, exchange, on_end))
+            }
+            Some((m, cap)) => match self.masked_body(&mut parts, incoming, m, cap) {
+                Ok(masked) => {
+                    let on_end = Box::new(EndRecorder { proxy: self.clone(), info, status });
+                    body::boxed(ResponseBody::new(masked, exchange, on_end))
+                }
+                Err(e) => {
+                    warn!(session = %self.session, target = %self.target.name, error = %e, "response not masked; refused");
+                    self.end(&info, &exchange, StatusCode::BAD_GATEWAY, Some(e.clone()));
+                    return reply::error(StatusCode::BAD_GATEWAY, "masking_failed", &e);
+                }
+            },
+        };
         Response::from_parts(parts, body)
     }
 
-    /// The one place a response body passes on its way to the caller: a
-    /// streaming transform (masking) wraps it here.
-    fn response_body(&self, _parts: &http::response::Parts, body: ResponseBody<Incoming>) -> Body {
-        body::boxed(body)
+    /// The masker for an admitted request's rule, with the JSON size cap;
+    /// `None` when there is nothing to mask (no `mask` entries and no
+    /// injected credential).
+    fn masker_for(&self, d: &Decision) -> Result<Option<(SessionMasker, usize)>, String> {
+        let policy = self.enforcer.policy();
+        let rule = d.role.as_deref().and_then(|r| policy.role(r)).and_then(|r| r.rule_for(&self.target.name));
+        let has_masks = rule.is_some_and(|r| !r.masks.is_empty());
+        if !has_masks && self.secrets.is_empty() {
+            return Ok(None);
+        }
+        let plan = match rule {
+            Some(r) => r.mask_plan.clone(),
+            None => Arc::new(Plan::credentials_only()),
+        };
+        let cap = usize::try_from(policy.masking.max_json_body.unwrap_or(DEFAULT_MAX_JSON_BODY)).unwrap_or(usize::MAX);
+        let mut cache = self.masker.lock().expect("masker");
+        if let Some((p, m)) = cache.as_ref() {
+            if Arc::ptr_eq(p, &plan) {
+                return m.clone().map(|m| Some((m, cap)));
+            }
+        }
+        let refs: Vec<&crate::credentials::Secret> = self.secrets.iter().collect();
+        let m = SessionMasker::start(plan.clone(), &policy.masking, &refs).map_err(|e| e.to_string());
+        *cache = Some((plan, m.clone()));
+        m.map(|m| Some((m, cap)))
+    }
+
+    /// Masks a response's headers and wraps its body in the masker its
+    /// content type calls for; `Err` when the body cannot be masked.
+    fn masked_body(
+        &self,
+        parts: &mut http::response::Parts,
+        incoming: Incoming,
+        mut m: SessionMasker,
+        cap: usize,
+    ) -> Result<Body, String> {
+        mask::mask_headers(&mut m, &mut parts.headers);
+        let kind = mask::classify(parts.headers.get(header::CONTENT_TYPE));
+        if kind == mask::Kind::Binary {
+            if self.secrets.is_empty() {
+                return Ok(body::boxed(incoming));
+            }
+            let raw: Vec<&[u8]> = self.secrets.iter().map(|s| s.expose().as_bytes()).collect();
+            return Ok(body::boxed(mask::MaskedBody::binary(incoming, &raw)));
+        }
+        let coding = mask::coding(&parts.headers)?;
+        let h = &mut parts.headers;
+        h.remove(header::CONTENT_LENGTH);
+        h.remove(header::ACCEPT_RANGES);
+        h.remove(header::CONTENT_RANGE);
+        for name in ["content-md5", "digest", "content-digest", "repr-digest"] {
+            h.remove(name);
+        }
+        if coding != mask::Coding::Identity {
+            h.remove(header::CONTENT_ENCODING);
+        }
+        let decoder = mask::Decoder::new(coding);
+        let window = crate::masking::stream::DEFAULT_WINDOW;
+        Ok(match kind {
+            mask::Kind::Json => body::boxed(mask::MaskedBody::json(incoming, m, cap, window, decoder)),
+            _ => body::boxed(mask::MaskedBody::text(incoming, &m, window, decoder)),
+        })
     }
 
     fn client(&self) -> Result<PooledClient, String> {
@@ -566,7 +786,17 @@ struct EndRecorder {
 
 impl OnEnd for EndRecorder {
     fn on_end(self: Box<Self>, exchange: &Exchange, error: Option<String>) {
+        let bytes = exchange.bytes_down.load(Ordering::Relaxed);
         self.proxy.end(&self.info, exchange, self.status, error);
+        // What the caller got, after masking (no content is recorded).
+        self.proxy.enforcer.audit.record(Event::Response {
+            session: self.proxy.session,
+            summary: ResponseSummary {
+                status: Some(self.status.as_u16().to_string()),
+                bytes,
+                ..ResponseSummary::default()
+            },
+        });
     }
 }
 

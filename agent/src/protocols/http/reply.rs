@@ -4,7 +4,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
 use super::body::{full, Body};
-use crate::{ids::SessionId, policy::Decision};
+use crate::{approvals::ApprovalId, ids::SessionId, policy::Decision};
 
 #[derive(Serialize)]
 struct Denied<'a> {
@@ -60,6 +60,43 @@ pub fn approval_required(d: &Decision, session: SessionId, seq: u64) -> Response
             session: session.to_string(),
             request: seq,
             approval: None,
+        },
+    )
+}
+
+/// A held request that was not approved (denied by a human, or its
+/// approval timed out): 403 naming the rule and the approval id.
+pub fn approval_refused(d: &Decision, session: SessionId, seq: u64, approval: ApprovalId) -> Response<Body> {
+    json(
+        StatusCode::FORBIDDEN,
+        &Denied {
+            error: "denied",
+            verdict: d.verdict.to_string(),
+            rule: &d.rule,
+            reason: &d.reason,
+            role: d.role.as_deref(),
+            session: session.to_string(),
+            request: seq,
+            approval: Some(approval.to_string()),
+        },
+    )
+}
+
+/// The early answer to a request held for approval: 403
+/// `approval_required` with the id to approve; once approved, the same
+/// request again goes through.
+pub fn approval_pending(d: &Decision, session: SessionId, seq: u64, approval: ApprovalId) -> Response<Body> {
+    json(
+        StatusCode::FORBIDDEN,
+        &Denied {
+            error: "approval_required",
+            verdict: d.verdict.to_string(),
+            rule: &d.rule,
+            reason: &format!("{}; waiting for approval {approval}: retry once it is approved", d.reason),
+            role: d.role.as_deref(),
+            session: session.to_string(),
+            request: seq,
+            approval: Some(approval.to_string()),
         },
     )
 }

@@ -235,6 +235,21 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
     has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
 }
 
+/// The secrets an injection sends upstream, raw (what to look for in
+/// responses and keep out of records).
+pub fn injected_secrets(
+    spec: HttpInjection<'_>,
+    resolve: impl Fn(&crate::policy::SecretRef) -> Result<Secret, crate::credentials::CredentialError>,
+) -> Result<Vec<Secret>, crate::credentials::CredentialError> {
+    let r = match spec {
+        HttpInjection::Bearer(r) => r,
+        HttpInjection::Basic { secret, .. } => secret,
+        HttpInjection::Header { token, .. } => token,
+        HttpInjection::Query { token, .. } => token,
+    };
+    Ok(vec![resolve(r)?])
+}
+
 /// Characters escaped in an injected query value.
 const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
