@@ -123,7 +123,9 @@ fn main() -> Result<()> {
         Task::Bench { which, minutes } => {
             // The masking benchmark runs the engine alone: no probes, no
             // reference tools.
-            if which != "masking" {
+            // The soak of a given build (PORTCULLIS_BIN) needs no release build.
+            let given = which == "soak" && env::var_os("PORTCULLIS_BIN").is_some();
+            if which != "masking" && !given {
                 setup(true)?;
                 build_ebpf()?;
                 cargo(&["build", "--release", "-p", "portcullis"])?;

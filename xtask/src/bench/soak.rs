@@ -336,7 +336,10 @@ fn soak(dir: &Path, ids: (u32, u32), minutes: u64) -> Result<()> {
             pw = pw.display()
         ),
     )?;
-    let bin = crate::root().join("target/release/portcullis");
+    // PORTCULLIS_BIN: soak another build (the release one by default).
+    let bin = std::env::var_os("PORTCULLIS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::root().join("target/release/portcullis"));
     let control = dir.join("control.sock");
     let pin = PathBuf::from(format!("/sys/fs/bpf/portcullis-soak-{}", std::process::id()));
     let listen = free_port()?;
