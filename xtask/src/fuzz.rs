@@ -63,7 +63,7 @@ pub fn run(target: Option<&str>, secs: u64) -> Result<()> {
         None => all,
     };
     let dir = root().join("fuzz");
-    crate::run(cargo_nightly().current_dir(&dir).args(["fuzz", "build", "-O"]))?;
+    crate::run(cargo_nightly().current_dir(&dir).args(["fuzz", "build"]))?;
     for t in &chosen {
         let seeds = dir.join("corpus").join(t);
         let scratch = dir.join("target/corpus").join(t);
@@ -72,7 +72,7 @@ pub fn run(target: Option<&str>, secs: u64) -> Result<()> {
         eprintln!("fuzzing {t} for {secs} s");
         let mut cmd = cargo_nightly();
         cmd.current_dir(&dir)
-            .args(["fuzz", "run", "-O", t])
+            .args(["fuzz", "run", t])
             .arg(rel(&scratch, &dir))
             .arg(rel(&seeds, &dir))
             .arg("--")
