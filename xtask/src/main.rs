@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod fuzz;
 mod package;
 
 #[derive(Parser)]
@@ -57,9 +58,35 @@ enum Task {
     },
     /// Benchmarks: direct vs through portcullis (and a reference tool).
     Bench {
-        /// Which: tcp, postgres, http, audit, masking, or all.
+        /// Which: tcp, postgres, http, audit, masking, or all; or soak
+        /// (not part of all).
         #[arg(default_value = "all")]
         which: String,
+        /// How long the soak runs.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
+    /// Run the cargo-fuzz targets (all, or one) for a while each.
+    Fuzz {
+        /// A target (see fuzz/Cargo.toml); all when absent.
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+    },
+    /// The soak's HTTP and tcp load (run by `bench soak` inside the scope).
+    #[command(hide = true)]
+    SoakLoad {
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long)]
+        rate: u32,
+        #[arg(long)]
+        tcp: std::net::SocketAddr,
+        #[arg(long)]
+        http: std::net::SocketAddr,
+        #[arg(long)]
+        host: String,
     },
 }
 
@@ -93,16 +120,26 @@ fn main() -> Result<()> {
             let opts = package::Options { binary: binary.map(|b| cwd.join(b)), out: cwd.join(out) };
             package::package(&opts).map(|_| ())
         }
-        Task::Bench { which } => {
+        Task::Bench { which, minutes } => {
             // The masking benchmark runs the engine alone: no probes, no
             // reference tools.
-            if which != "masking" {
+            // The soak of a given build (PORTCULLIS_BIN) needs no release build.
+            let given = which == "soak" && env::var_os("PORTCULLIS_BIN").is_some();
+            if which != "masking" && !given {
                 setup(true)?;
                 build_ebpf()?;
                 cargo(&["build", "--release", "-p", "portcullis"])?;
             }
+            if which == "soak" {
+                return bench::soak::run(minutes);
+            }
             bench::run(&which)
         }
+        Task::Fuzz { target, secs } => {
+            setup(false)?;
+            fuzz::run(target.as_deref(), secs)
+        }
+        Task::SoakLoad { seconds, rate, tcp, http, host } => bench::soak::load(seconds, rate, tcp, http, &host),
     }
 }
 
@@ -155,6 +192,9 @@ pub fn setup(bench: bool) -> Result<()> {
     }
     if !bpf_linker_works() {
         install_bpf_linker()?;
+    }
+    if !fuzz::cargo_fuzz_works() {
+        fuzz::install_cargo_fuzz()?;
     }
     let mut pkgs = vec![
         ("psql", "postgresql-client-15"),
@@ -288,5 +328,10 @@ fn test(extra: &[String]) -> Result<()> {
     }
     let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args(&args).env("PORTCULLIS_BIN", root().join("target/debug/portcullis"));
-    run(&mut cmd)
+    run(&mut cmd)?;
+    // Each fuzz target briefly (a full run of the suite only).
+    if extra.is_empty() {
+        fuzz::run(None, fuzz::CI_SECS)?;
+    }
+    Ok(())
 }

@@ -1,11 +1,24 @@
 //! Address syntax of the policy: `ip:port`, `[v6]:port`, `cidr:port`,
 //! `[v6cidr]:port`, `host:port` (resolved at load), `*` for any address and
 //! `*` for any port, and for egress exceptions an optional `/tcp` or `/udp`.
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::{
+    net::{IpAddr, SocketAddr, ToSocketAddrs},
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use ipnet::IpNet;
 
 use super::model::{AddrPattern, Transport, Upstream};
+
+static RESOLVE: AtomicBool = AtomicBool::new(true);
+
+/// Turns host name resolution off for this process: host names in a policy
+/// then fail to load instead of being looked up (for fuzzing the loader,
+/// which must not send arbitrary names to a resolver).
+#[doc(hidden)]
+pub fn disable_name_resolution() {
+    RESOLVE.store(false, Ordering::Relaxed);
+}
 
 /// Parses a target or exception address into one or more patterns (a host
 /// name may resolve to several addresses; `*` is both families).
@@ -32,6 +45,9 @@ pub fn parse_patterns(text: &str) -> Result<Vec<AddrPattern>, String> {
     let Some(port_num) = port else {
         return Err(format!("host name `{host}` needs an explicit port"));
     };
+    if !RESOLVE.load(Ordering::Relaxed) {
+        return Err(format!("cannot resolve `{host}`: name resolution is turned off"));
+    }
     let addrs: Vec<SocketAddr> =
         (host, port_num).to_socket_addrs().map_err(|e| format!("cannot resolve `{host}`: {e}"))?.collect();
     if addrs.is_empty() {

@@ -7,6 +7,7 @@ mod audit;
 mod http;
 mod masking;
 mod postgres;
+pub mod soak;
 mod tcp;
 
 pub fn run(which: &str) -> Result<()> {

@@ -138,8 +138,11 @@ pub fn normalise_path(raw: &str) -> Result<Cow<'_, str>, RequestError> {
         let b = bytes[i];
         if b == b'%' {
             let hex = bytes.get(i + 1..i + 3).ok_or(RequestError::Path("has a broken %-escape"))?;
-            let v = std::str::from_utf8(hex)
-                .ok()
+            // Two hex digits: `from_str_radix` alone also takes a sign
+            // (`%+2` would read as 0x02).
+            let v = Some(hex)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+                .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
                 .ok_or(RequestError::Path("has a broken %-escape"))?;
             let unreserved = v.is_ascii_alphanumeric() || b"-._~".contains(&v);
@@ -441,6 +444,13 @@ mod tests {
         assert!(n("/a%zz").is_err());
         assert!(n("/a%4").is_err());
         assert!(n("relative").is_err());
+    }
+
+    #[test]
+    fn a_signed_escape_is_broken_not_decoded() {
+        // Found by fuzzing: `%+2` was read as the escape of 0x02.
+        assert!(normalise_path("/%+22").is_err());
+        assert!(normalise_path("/a%-1b").is_err());
     }
 
     #[test]

@@ -89,6 +89,10 @@ enum ProxyError {
     Masking(String),
 }
 
+/// SQLSTATE sent when the audit log refuses a record (system_error class:
+/// the enforcer's own I/O failed, not the statement).
+pub const AUDIT_UNAVAILABLE: &str = "58030";
+
 /// Runs a started session until either side ends it.
 pub async fn run<C, U>(session: &Session, client: FrameReader<C>, upstream: FrameReader<U>, masking: Masking) -> Outcome
 where
@@ -134,16 +138,34 @@ where
         txn,
         ready: 0,
     };
+    let mut audit_failed = false;
     let reason = tokio::select! {
         r = front.run() => match r {
             Ok(why) => why.to_string(),
-            Err(e) => format!("client side: {e}"),
+            Err(e) => {
+                audit_failed = matches!(e, ProxyError::Audit(_));
+                format!("client side: {e}")
+            }
         },
         r = back.run() => match r {
             Ok(why) => why.to_string(),
             Err(e) => format!("upstream side: {e}"),
         },
     };
+    if audit_failed {
+        // The statement was not forwarded: tell the caller why before the
+        // session closes, rather than leaving it with a bare disconnect.
+        let mut out = BytesMut::new();
+        wire::error_response(
+            &mut out,
+            Severity::Fatal,
+            AUDIT_UNAVAILABLE,
+            "portcullis: the audit log cannot be written; statements that change state are refused",
+            None,
+        );
+        back.to.push(&out);
+        let _ = back.to.flush().await;
+    }
     Outcome { reason, bytes_up: front.bytes, bytes_down: back.bytes }
 }
 

@@ -17,6 +17,8 @@ pub const CANCEL_REQUEST: i32 = 80_877_102;
 /// Largest message accepted from either side (PostgreSQL's own limit for
 /// most messages is 1 GB; a caller has no business sending that much in one).
 pub const MAX_MESSAGE: usize = 256 << 20;
+/// Most the read buffer grows by ahead of the bytes that fill it.
+const RESERVE_STEP: usize = 64 << 10;
 /// Largest startup packet (PostgreSQL: 10000 bytes).
 pub const MAX_STARTUP: usize = 10_000;
 
@@ -73,7 +75,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             return Err(WireError::TooLong(len));
         }
         if self.buf.len() < len + 1 {
-            self.buf.reserve(len + 1 - self.buf.len());
+            // Grow with what arrives, not with what the length claims: five
+            // bytes must not make the enforcer allocate MAX_MESSAGE.
+            self.buf.reserve((len + 1 - self.buf.len()).min(RESERVE_STEP));
             return Ok(None);
         }
         let tag = self.buf[0];
@@ -409,6 +413,15 @@ mod tests {
         let z = r.next().await.unwrap().unwrap();
         assert_eq!((z.tag, z.body()), (b'Z', &b"I"[..]));
         assert!(r.next().await.unwrap().is_none());
+    }
+
+    #[test]
+    fn a_claimed_length_does_not_allocate_ahead_of_the_bytes() {
+        // A 5-byte header claiming 200 MB must not reserve 200 MB.
+        let header = [b'Q', 0x0c, 0x00, 0x00, 0x00];
+        let mut r = FrameReader::with_buffer(tokio::io::empty(), BytesMut::from(&header[..]));
+        assert!(r.try_frame().unwrap().is_none());
+        assert!(r.buf.capacity() <= 2 * RESERVE_STEP, "capacity {}", r.buf.capacity());
     }
 
     #[tokio::test]
