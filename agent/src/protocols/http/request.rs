@@ -165,10 +165,13 @@ pub fn normalise_path(raw: &str) -> Result<Cow<'_, str>, RequestError> {
         if b == b'\\' {
             return Err(RequestError::Path("contains a backslash"));
         }
+        // Copy the whole character: a byte above 0x7F is part of a UTF-8
+        // sequence, not a Latin-1 character of its own.
+        let ch = raw[i..].chars().next().expect("i is on a character boundary");
         if let Some(o) = out.as_mut() {
-            o.push(b as char);
+            o.push(ch);
         }
-        i += 1;
+        i += ch.len_utf8();
     }
     let path = match out {
         Some(s) => Cow::Owned(s),
@@ -444,6 +447,12 @@ mod tests {
         assert!(n("/a%zz").is_err());
         assert!(n("/a%4").is_err());
         assert!(n("relative").is_err());
+    }
+
+    #[test]
+    fn utf8_after_an_escape_is_kept_whole() {
+        assert_eq!(normalise_path("/a%20\u{50f}b").unwrap(), "/a%20\u{50f}b");
+        assert_eq!(normalise_path("/%41\u{e9}").unwrap(), "/A\u{e9}");
     }
 
     #[test]
