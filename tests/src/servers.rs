@@ -915,6 +915,8 @@ async fn git_cgi(req: hyper::Request<hyper::body::Incoming>, ctx: GitCtx) -> hyp
     state.seen.lock().unwrap().push(seen);
     let body = bytes::Bytes::copy_from_slice(&raw[end + sep..]);
     resp.status(status).body(http_body_util::Full::new(body).map_err(|e| match e {}).boxed()).unwrap()
+}
+
 /// Fixed responses for masking tests (`GET /fixture/NAME`): `json` (an
 /// email, a card number and an AWS key), `text` (a text body sent in
 /// small chunks with an email split across two of them), `gzip` (the JSON,
