@@ -33,6 +33,7 @@ fn maskers() -> &'static [SessionMasker] {
         let settings = MaskSettings {
             hash_key: None,
             detectors: vec![CustomDetector { name: "emp".into(), pattern: r"EMP-[0-9]{6}".into() }],
+            max_json_body: None,
         };
         let names = settings.custom_names();
         let key = Secret::new("fuzzing-hash-key-0123456789abcdef");

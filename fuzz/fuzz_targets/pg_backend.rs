@@ -8,21 +8,28 @@
 
 use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
+use portcullis::masking::Mode;
 use portcullis::protocols::postgres::{
     rows::{row_description, Pending, Tracker},
     wire::{self, FrameReader},
 };
 
+/// Statements that read a masked relation carry the mode for computed
+/// columns; half the time, one.
+fn masked(b: u8) -> Option<Mode> {
+    (b & 32 != 0).then_some(Mode::Null)
+}
+
 fn pending(b: u8, i: usize) -> Pending {
     let name = format!("s{}", b >> 4);
     match b % 11 {
-        0 => Pending::Query,
+        0 => Pending::Query(masked(b)),
         1 => Pending::FunctionCall,
         2 => Pending::Parse,
         3 => Pending::Bind { portal: name.clone(), statement: name, formats: vec![(b & 1) as i16] },
         4 => Pending::DescribeStatement(name),
         5 => Pending::DescribePortal(name),
-        6 => Pending::Execute(name),
+        6 => Pending::Execute(name, masked(b)),
         7 => Pending::Close { portal: b & 16 != 0, name },
         8 => Pending::Sync,
         _ => Pending::Denial { id: i as u64, simple: b & 1 != 0, error: Bytes::from_static(b"E\0\0\0\x04") },

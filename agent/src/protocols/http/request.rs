@@ -177,6 +177,17 @@ pub fn normalise_path(raw: &str) -> Result<Cow<'_, str>, RequestError> {
         Some(s) => Cow::Owned(s),
         None => Cow::Borrowed(raw),
     };
+    // What is decided must be what is forwarded: a path the URI grammar
+    // refuses (control characters and the like) could not be sent as it is.
+    if path.bytes().any(|b| b.is_ascii_control()) {
+        return Err(RequestError::Path("contains a control character"));
+    }
+    if path.bytes().any(|b| b == b'#' || b == b'?') {
+        return Err(RequestError::Path("contains a raw `#` or `?`"));
+    }
+    if path.parse::<PathAndQuery>().is_err() {
+        return Err(RequestError::Path("is not a valid URI path"));
+    }
     for (n, seg) in path.split('/').enumerate().skip(1) {
         if seg == "." || seg == ".." {
             return Err(RequestError::Path("contains a `.` or `..` segment"));
@@ -368,9 +379,14 @@ pub fn strip_query_param(query: &str, name: &str) -> String {
         .join("&")
 }
 
+/// Bytes a query cannot carry as they are (a `#` would also end it and cut
+/// off what follows, an injected credential among them): sent escaped.
+const QUERY_UNSAFE: &percent_encoding::AsciiSet =
+    &percent_encoding::CONTROLS.add(b' ').add(b'"').add(b'#').add(b'<').add(b'>').add(b'`');
+
 pub fn path_and_query(path: &str, query: Option<&str>) -> PathAndQuery {
     let s = match query {
-        Some(q) => format!("{path}?{q}"),
+        Some(q) => format!("{path}?{}", percent_encoding::utf8_percent_encode(q, QUERY_UNSAFE)),
         None => path.to_string(),
     };
     // Both parts come from a parsed URI or were escaped here.
@@ -447,6 +463,23 @@ mod tests {
         assert!(n("/a%zz").is_err());
         assert!(n("/a%4").is_err());
         assert!(n("relative").is_err());
+    }
+
+    #[test]
+    fn a_hash_in_the_query_cannot_cut_off_the_injected_credential() {
+        let inj = Injection::Query("api_key".into(), "S3CRET".into());
+        let pq = inj.apply(&mut HeaderMap::new(), "/kkk", Some("a=1#b"));
+        assert_eq!(pq.query(), Some("a=1%23b&api_key=S3CRET"));
+    }
+
+    #[test]
+    fn control_characters_are_refused_not_rewritten() {
+        assert!(normalise_path("/v1rc\u{8}\0h").is_err());
+        assert!(normalise_path("/a%41\u{7f}").is_err());
+        assert!(normalise_path("/a b").is_err());
+        assert!(normalise_path("/a#b").is_err());
+        assert!(normalise_path("/a?b").is_err());
+        assert_eq!(normalise_path("/a%23b%3F").unwrap(), "/a%23b%3F");
     }
 
     #[test]
