@@ -7,7 +7,7 @@
 pub mod servers;
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -250,6 +250,37 @@ impl Agent {
         let mut cmd = self.cli();
         cmd.args(["exec", "--scope", scope, "--"]).args(argv);
         cmd
+    }
+
+    /// psql inside `scope` as user `whoever` of database `appdb` at
+    /// `host`:5432, reading `script` on stdin (verbose errors, unaligned
+    /// output), started with `env` and left running with piped output.
+    pub fn spawn_psql(&self, scope: &str, host: &str, script: &str, env: &[(&str, &str)]) -> Child {
+        let mut cmd = self.exec(
+            scope,
+            &[
+                "psql",
+                "-h",
+                host,
+                "-p",
+                "5432",
+                "-U",
+                "whoever",
+                "-d",
+                "appdb",
+                "-X",
+                "-At",
+                "-v",
+                "VERBOSITY=verbose",
+                "-f",
+                "-",
+            ],
+        );
+        cmd.env("PGCONNECT_TIMEOUT", "10").envs(env.iter().copied());
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("run psql");
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        child
     }
 
     /// Same, as another user.

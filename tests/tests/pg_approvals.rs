@@ -100,34 +100,7 @@ fn fixture() -> Option<Fixture> {
 
 /// psql inside `scope` reading `script`, started and left running.
 fn psql(f: &Fixture, scope: &str, script: &str) -> Child {
-    let mut cmd = f.agent.exec(
-        scope,
-        &[
-            "psql",
-            "-h",
-            "127.0.0.53",
-            "-p",
-            "5432",
-            "-U",
-            "whoever",
-            "-d",
-            "appdb",
-            "-X",
-            "-At",
-            "-v",
-            "VERBOSITY=verbose",
-            "-f",
-            "-",
-        ],
-    );
-    cmd.env("PGCONNECT_TIMEOUT", "10")
-        .env("PGPASSWORD", "anything")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("run psql");
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-    child
+    f.agent.spawn_psql(scope, "127.0.0.53", script, &[("PGPASSWORD", "anything")])
 }
 
 fn text(o: &Output) -> (String, String) {

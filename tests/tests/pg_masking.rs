@@ -112,34 +112,7 @@ fn fixture() -> Option<Fixture> {
 }
 
 fn psql(f: &Fixture, scope: &str, script: &str) -> Output {
-    let mut cmd = f.agent.exec(
-        scope,
-        &[
-            "psql",
-            "-h",
-            "127.0.0.53",
-            "-p",
-            "5432",
-            "-U",
-            "whoever",
-            "-d",
-            "appdb",
-            "-X",
-            "-At",
-            "-v",
-            "VERBOSITY=verbose",
-            "-f",
-            "-",
-        ],
-    );
-    cmd.env("PGCONNECT_TIMEOUT", "10")
-        .env("PGPASSWORD", "anything")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("run psql");
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-    child.wait_with_output().unwrap()
+    f.agent.spawn_psql(scope, "127.0.0.53", script, &[("PGPASSWORD", "anything")]).wait_with_output().unwrap()
 }
 
 fn text(o: &Output) -> (String, String) {

@@ -134,33 +134,7 @@ fn psql(f: &Fixture, scope: &str, host: &str, script: &str) -> Output {
 }
 
 fn psql_with(f: &Fixture, scope: &str, host: &str, script: &str, env: &[(&str, &str)]) -> Output {
-    let mut cmd = f.agent.exec(
-        scope,
-        &[
-            "psql",
-            "-h",
-            host,
-            "-p",
-            "5432",
-            "-U",
-            "whoever",
-            "-d",
-            "appdb",
-            "-X",
-            "-At",
-            "-v",
-            "VERBOSITY=verbose",
-            "-f",
-            "-",
-        ],
-    );
-    cmd.env("PGCONNECT_TIMEOUT", "10").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("run psql");
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-    child.wait_with_output().unwrap()
+    f.agent.spawn_psql(scope, host, script, env).wait_with_output().unwrap()
 }
 
 fn text(o: &Output) -> (String, String) {
