@@ -9,6 +9,7 @@ pub mod event;
 pub mod format;
 pub mod log;
 pub mod query;
+mod queue;
 pub mod read;
 pub mod scrub;
 
@@ -17,7 +18,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
-        mpsc, Arc, RwLock,
+        Arc, RwLock,
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -108,10 +109,20 @@ struct Shared {
     stopped: (std::sync::Mutex<bool>, std::sync::Condvar),
 }
 
+/// The sending side of the writer's queue; the queue closes when the last
+/// handle is gone.
+struct Sender(Arc<queue::Queue<Cmd>>);
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// Handle to the audit log; cheap to clone.
 #[derive(Clone)]
 pub struct Audit {
-    tx: mpsc::Sender<Cmd>,
+    tx: Arc<Sender>,
     shared: Arc<Shared>,
     /// Queue depth and write latency, for the metrics endpoint.
     pub metrics: Arc<AuditMetrics>,
@@ -130,7 +141,8 @@ impl Audit {
             stats: AuditStats::default(),
             stopped: Default::default(),
         });
-        let (tx, rx) = mpsc::channel();
+        let rx = Arc::new(queue::Queue::default());
+        let tx = Arc::new(Sender(rx.clone()));
         let metrics = Arc::new(AuditMetrics::default());
         let audit = Audit { tx, shared: shared.clone(), metrics: metrics.clone() };
         if let Some(r) = recovery {
@@ -192,13 +204,13 @@ impl Audit {
         })
     }
 
-    /// Queues a record; written at once and fsynced within the sync
-    /// interval.
+    /// Queues a record; written within a few milliseconds (batched with
+    /// the others queued meanwhile) and fsynced within the sync interval.
     pub fn record(&self, event: Event) {
         let payload = self.encode(event);
         self.shared.stats.queued.fetch_add(1, Ordering::Relaxed);
         self.metrics.queued();
-        let _ = self.tx.send(Cmd::Record(payload));
+        self.tx.0.push(Cmd::Record(payload), false);
     }
 
     /// Writes a record and returns once it is on disk. Callers forward a
@@ -222,7 +234,9 @@ impl Audit {
         let (done, wait) = oneshot::channel();
         self.shared.stats.queued.fetch_add(1, Ordering::Relaxed);
         self.metrics.queued();
-        self.tx.send(Cmd::Durable(payload, done)).map_err(|_| AuditError::Stopped)?;
+        if !self.tx.0.push(Cmd::Durable(payload, done), true) {
+            return Err(AuditError::Stopped);
+        }
         match wait.await {
             Ok(Ok(seq)) => Ok(seq),
             Ok(Err(f)) => Err(f.into_error(&self.shared.dir)),
@@ -233,7 +247,9 @@ impl Audit {
     /// Waits until everything queued so far is on disk.
     pub async fn sync(&self) -> Result<(), AuditError> {
         let (done, wait) = oneshot::channel();
-        self.tx.send(Cmd::Sync(done)).map_err(|_| AuditError::Stopped)?;
+        if !self.tx.0.push(Cmd::Sync(done), true) {
+            return Err(AuditError::Stopped);
+        }
         match wait.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(f)) => Err(f.into_error(&self.shared.dir)),
@@ -329,50 +345,46 @@ struct Writer {
     last_retention: Option<Instant>,
 }
 
-/// Most commands taken into one write.
-const MAX_BATCH: usize = 4096;
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
 impl Writer {
-    fn run(&mut self, rx: mpsc::Receiver<Cmd>) {
+    fn run(&mut self, rx: Arc<queue::Queue<Cmd>>) {
         self.retention();
+        // Whether the last wait brought work: then records are likely to keep
+        // coming, and the writer ticks instead of being woken for each.
+        let mut ticking = false;
         loop {
             let mut wait = RETENTION_EVERY.saturating_sub(self.last_retention.map_or(Duration::ZERO, |t| t.elapsed()));
             if self.log.is_dirty() && self.cfg.fsync != FsyncPolicy::Never {
                 wait = wait.min(self.cfg.sync_interval.saturating_sub(self.last_sync.elapsed()));
             }
-            match rx.recv_timeout(wait) {
-                Ok(first) => {
-                    let mut batch = vec![first];
-                    while batch.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(c) => batch.push(c),
-                            Err(_) => break,
-                        }
-                    }
-                    let rotations = self.log.rotations();
-                    let (started, written, lost) = (
-                        Instant::now(),
-                        self.shared.stats.written.load(Ordering::Relaxed),
-                        self.shared.stats.lost.load(Ordering::Relaxed),
-                    );
-                    self.process(batch);
-                    let took = started.elapsed();
-                    let written = self.shared.stats.written.load(Ordering::Relaxed) - written;
-                    let lost = self.shared.stats.lost.load(Ordering::Relaxed) - lost;
-                    self.metrics.written(written, took, true);
-                    if lost > 0 {
-                        self.metrics.written(lost, took, false);
-                    }
-                    if self.log.rotations() != rotations {
-                        self.retention();
-                    }
+            if ticking {
+                wait = wait.min(queue::TICK);
+            }
+            let taken = rx.take(wait, ticking);
+            ticking = !taken.items.is_empty();
+            if ticking {
+                let rotations = self.log.rotations();
+                let (started, written, lost) = (
+                    Instant::now(),
+                    self.shared.stats.written.load(Ordering::Relaxed),
+                    self.shared.stats.lost.load(Ordering::Relaxed),
+                );
+                self.process(taken.items);
+                let took = started.elapsed();
+                let written = self.shared.stats.written.load(Ordering::Relaxed) - written;
+                let lost = self.shared.stats.lost.load(Ordering::Relaxed) - lost;
+                self.metrics.written(written, took, true);
+                if lost > 0 {
+                    self.metrics.written(lost, took, false);
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let _ = self.sync();
-                    return;
+                if self.log.rotations() != rotations {
+                    self.retention();
                 }
+            }
+            if taken.closed {
+                let _ = self.sync();
+                return;
             }
             if self.log.is_dirty()
                 && self.last_sync.elapsed() >= self.cfg.sync_interval
