@@ -216,6 +216,10 @@ pub struct RunArgs {
     /// Loopback address of the Prometheus endpoint (`/metrics`), or `off`.
     #[arg(long, env = "PORTCULLIS_METRICS_ADDR", default_value = crate::metrics::DEFAULT_ADDR)]
     pub metrics_addr: String,
+    /// Threads that serve connections (each connection stays on one); 0:
+    /// one per CPU.
+    #[arg(long, env = "PORTCULLIS_WORKERS", default_value_t = 0)]
+    pub workers: usize,
     #[command(flatten)]
     pub audit: AuditArgs,
 }
@@ -335,6 +339,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 mark: a.mark,
                 audit,
                 metrics: crate::metrics::parse_addr(&a.metrics_addr)?,
+                workers: a.workers,
             };
             crate::daemon::run(cfg).await?;
             Ok(0)

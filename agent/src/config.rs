@@ -22,6 +22,8 @@ pub struct RunConfig {
     pub audit: crate::audit::AuditConfig,
     /// Loopback address of the Prometheus endpoint; None: no endpoint.
     pub metrics: Option<SocketAddr>,
+    /// Connection worker threads; 0: one per CPU.
+    pub workers: usize,
 }
 
 /// The eBPF object embedded at build time (empty when built without it).

@@ -34,6 +34,7 @@ use crate::{
     metrics::{self, Exporter},
     policy::{self, Policy, ScopeLocation},
     tls::LocalCa,
+    workers::Workers,
 };
 
 struct Daemon {
@@ -134,9 +135,12 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     let control = control::bind(&config.control_socket, config.control_group)?;
     tokio::spawn(control::serve(control, enforcer.clone(), daemon.clone() as Arc<dyn StatusSource>));
     tokio::spawn(events::run(ring, enforcer.clone()));
-    tokio::spawn(intercept::serve(v4, enforcer.clone()));
+    let workers = Arc::new(
+        Workers::start(config.workers).map_err(|e| Error::Other(format!("starting connection workers: {e}")))?,
+    );
+    tokio::spawn(intercept::serve(v4, enforcer.clone(), workers.clone()));
     if let Some(v6) = v6 {
-        tokio::spawn(intercept::serve(v6, enforcer.clone()));
+        tokio::spawn(intercept::serve(v6, enforcer.clone(), workers.clone()));
     }
     if let Some(listener) = metrics_listener {
         let d = daemon.clone();

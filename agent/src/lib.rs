@@ -23,3 +23,4 @@ pub mod metrics;
 pub mod policy;
 pub mod protocols;
 pub mod tls;
+pub mod workers;

@@ -19,15 +19,29 @@ use crate::{
     ids::SessionId,
     policy::{decide_classes, decide_session, role_for, Decision, Protocol, Subject, Verdict},
     protocols::{self, Session},
+    workers::Workers,
 };
 
-/// Accepts connections until the listener fails.
-pub async fn serve(listener: TcpListener, enforcer: Arc<Enforcer>) {
+/// Accepts connections until the listener fails, handing each to a worker.
+pub async fn serve(listener: TcpListener, enforcer: Arc<Enforcer>, workers: Arc<Workers>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let enforcer = enforcer.clone();
-                tokio::spawn(async move { handle(enforcer, stream, peer).await });
+                // The socket moves to the worker's own event loop.
+                let stream = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(error = %e, peer = %peer, "accepted connection lost");
+                        continue;
+                    }
+                };
+                workers.spawn(async move {
+                    match TcpStream::from_std(stream) {
+                        Ok(stream) => handle(enforcer, stream, peer).await,
+                        Err(e) => warn!(error = %e, peer = %peer, "accepted connection lost"),
+                    }
+                });
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.

@@ -3,11 +3,12 @@
 //! sockets to the target's upstream and speaks verified TLS when the target
 //! asks for it, negotiating HTTP/2 or HTTP/1.1 by ALPN.
 use std::{
+    cell::RefCell,
     collections::HashMap,
     future::Future,
     io,
     pin::Pin,
-    sync::{Arc, Mutex, OnceLock},
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -217,9 +218,16 @@ struct PoolKey {
 /// connections close on their own).
 const MAX_POOLS: usize = 256;
 
-/// The pooled client for a target, shared by all its sessions.
+thread_local! {
+    /// Pools per connection worker: a pooled connection's task runs on the
+    /// worker that opened it, so requests of that worker's sessions never
+    /// wait on another thread.
+    static POOLS: RefCell<HashMap<PoolKey, PooledClient>> = RefCell::new(HashMap::new());
+}
+
+/// The pooled client for a target, shared by all its sessions on this
+/// worker.
 pub fn client_for(target: &Target, orig_dst: OrigDst, settings: &Settings) -> Result<PooledClient, ConnectError> {
-    static POOLS: OnceLock<Mutex<HashMap<PoolKey, PooledClient>>> = OnceLock::new();
     let key = PoolKey {
         target: target.name.clone(),
         upstream: format!("{:?}", target.upstream),
@@ -227,9 +235,8 @@ pub fn client_for(target: &Target, orig_dst: OrigDst, settings: &Settings) -> Re
         tls: target.tls.upstream.then(|| tls_key(&target.tls, target)),
         mark: settings.mark,
     };
-    let pools = POOLS.get_or_init(Default::default);
-    if let Some(c) = pools.lock().expect("pools").get(&key) {
-        return Ok(c.clone());
+    if let Some(c) = POOLS.with_borrow(|p| p.get(&key).cloned()) {
+        return Ok(c);
     }
     let endpoint = Endpoint::new(target, orig_dst, settings, &[b"h2", b"http/1.1"])?;
     let client = Client::builder(TokioExecutor::new())
@@ -238,11 +245,12 @@ pub fn client_for(target: &Target, orig_dst: OrigDst, settings: &Settings) -> Re
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(256)
         .build(Connector(Arc::new(endpoint)));
-    let mut map = pools.lock().expect("pools");
-    if map.len() >= MAX_POOLS {
-        map.clear();
-    }
-    map.insert(key, client.clone());
+    POOLS.with_borrow_mut(|map| {
+        if map.len() >= MAX_POOLS {
+            map.clear();
+        }
+        map.insert(key, client.clone());
+    });
     Ok(client)
 }
 
