@@ -1,11 +1,14 @@
 //! Opaque TCP: allow, deny or hold the connection, then relay bytes both ways,
 //! passing each side's half-close on to the other.
 //!
-//! The relay moves bytes with splice(2) through one pipe per direction: the
-//! kernel hands the received socket buffers' pages to the other socket, and
-//! portcullis never copies the payload. Should a pipe not be available (file
-//! descriptors exhausted), the connection is relayed through a user-space
-//! buffer instead, with the same semantics.
+//! Each direction of the relay starts by reading into a small buffer and
+//! writing it out: for the short messages of request/response traffic that
+//! is the cheapest way (one read, one write). A direction whose reads keep
+//! filling the buffer is a bulk transfer: it switches to splice(2) through a
+//! pipe, where the kernel hands the received socket buffers' pages to the
+//! other socket and portcullis never copies the payload; when its transfers
+//! turn small again, it switches back. Without a pipe (file descriptors
+//! exhausted) a direction stays with the buffer, with the same semantics.
 use std::{
     io,
     os::fd::{AsFd, AsRawFd, OwnedFd},
@@ -26,11 +29,16 @@ use crate::{
     policy::{Decision, Verdict},
 };
 
-/// Bytes a relay pipe (or fallback buffer) holds: large enough that a bulk
-/// transfer moves several socket buffers' worth per system call. Pipe pages
-/// are only referenced while data passes, not allocated up front.
+/// Bytes a relay pipe holds: large enough that a bulk transfer moves several
+/// socket buffers' worth per system call. Pipe pages are only referenced
+/// while data passes, not allocated up front.
 const PIPE_SIZE: usize = 1 << 20;
-const BUFFER_SIZE: usize = 64 * 1024;
+/// The buffer of a direction that is not (or not yet) bulk.
+const BUFFER_SIZE: usize = 16 * 1024;
+/// A direction whose splices move less than this, this many times in a
+/// row, goes back to the buffer.
+const SMALL_SPLICE: usize = BUFFER_SIZE / 4;
+const SMALL_SPLICES: u32 = 8;
 
 pub async fn serve(session: &Session, client: TcpStream, admission: Decision) -> Outcome {
     match admission.verdict {
@@ -79,13 +87,7 @@ pub struct Relayed {
 /// passed on), or until the first error on either side. Byte counts are of
 /// what was delivered, errors included.
 pub async fn relay(client: &TcpStream, upstream: &TcpStream) -> Relayed {
-    match (Pipe::new(), Pipe::new()) {
-        (Ok(mut a), Ok(mut b)) => both_ways(client, upstream, &mut a, &mut b).await,
-        (Err(e), _) | (_, Err(e)) => {
-            debug!(error = %e, "no pipe for splice(2); relaying through a buffer");
-            both_ways(client, upstream, &mut Buffer::new(), &mut Buffer::new()).await
-        }
-    }
+    both_ways(client, upstream, &mut Adaptive::new(), &mut Adaptive::new()).await
 }
 
 async fn both_ways<C: Conduit>(client: &TcpStream, upstream: &TcpStream, a: &mut C, b: &mut C) -> Relayed {
@@ -121,6 +123,72 @@ trait Conduit {
     /// Hands some of what is held to `to`.
     fn drain(&mut self, to: &TcpStream) -> io::Result<usize>;
     fn pending(&self) -> usize;
+}
+
+/// A buffer while messages are small, a pipe (splice) while a bulk transfer
+/// lasts. Modes change only when nothing is pending.
+struct Adaptive {
+    buffer: Buffer,
+    /// Set while splicing; kept (empty) when back on the buffer.
+    pipe: Option<Pipe>,
+    splicing: bool,
+    /// Splices in a row that moved little.
+    small: u32,
+    /// No pipe could be made: stay on the buffer.
+    no_pipe: bool,
+}
+
+impl Adaptive {
+    fn new() -> Adaptive {
+        Adaptive { buffer: Buffer::new(), pipe: None, splicing: false, small: 0, no_pipe: false }
+    }
+}
+
+impl Conduit for Adaptive {
+    fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
+        if self.splicing {
+            let pipe = self.pipe.as_mut().expect("a pipe while splicing");
+            let n = pipe.fill(from)?;
+            self.small = if n < SMALL_SPLICE { self.small + 1 } else { 0 };
+            if n > 0 && self.small >= SMALL_SPLICES {
+                // What this fill took is drained from the pipe first.
+                self.splicing = false;
+                self.small = 0;
+            }
+            return Ok(n);
+        }
+        let n = self.buffer.fill(from)?;
+        if n == self.buffer.buf.len() && !self.no_pipe {
+            // A full buffer: more is waiting. Splice from the next fill on.
+            if self.pipe.is_none() {
+                match Pipe::new() {
+                    Ok(p) => self.pipe = Some(p),
+                    Err(e) => {
+                        debug!(error = %e, "no pipe for splice(2); relaying through a buffer");
+                        self.no_pipe = true;
+                    }
+                }
+            }
+            self.splicing = self.pipe.is_some();
+        }
+        Ok(n)
+    }
+
+    fn drain(&mut self, to: &TcpStream) -> io::Result<usize> {
+        // Whichever holds the pending bytes: the buffer's are always older
+        // than any in the pipe, and only one holds any at a time.
+        if self.buffer.pending() > 0 {
+            return self.buffer.drain(to);
+        }
+        match &mut self.pipe {
+            Some(p) if p.pending() > 0 => p.drain(to),
+            _ => Ok(0),
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.buffer.pending() + self.pipe.as_ref().map_or(0, Pipe::pending)
+    }
 }
 
 /// A pipe that splice(2) moves socket pages through.
@@ -312,6 +380,53 @@ mod tests {
     #[tokio::test]
     async fn buffer_relays_everything_and_passes_half_closes_on() {
         bulk_and_half_close(Buffer::new).await;
+    }
+
+    #[tokio::test]
+    async fn adaptive_relays_everything_and_passes_half_closes_on() {
+        bulk_and_half_close(Adaptive::new).await;
+    }
+
+    /// Small messages, a bulk transfer, small messages again, one way:
+    /// every byte arrives in order, the bulk goes through the pipe and the
+    /// direction is back on the buffer at the end.
+    #[tokio::test]
+    async fn adaptive_splices_bulk_and_returns_to_the_buffer() {
+        let (mut caller, client) = pair().await;
+        let (upstream, mut server) = pair().await;
+        let task = tokio::spawn(async move {
+            let mut c = Adaptive::new();
+            let mut moved = 0;
+            let r = one_way(&client, &upstream, &mut c, &mut moved).await;
+            (r, moved, c)
+        });
+        let mut sent = Vec::new();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        for i in 0..20u8 {
+            caller.write_all(&[i; 100]).await.unwrap();
+            sent.extend_from_slice(&[i; 100]);
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let bulk: Vec<u8> = (0..4_000_000u32).map(|i| (i % 253) as u8).collect();
+        caller.write_all(&bulk).await.unwrap();
+        sent.extend_from_slice(&bulk);
+        for i in 0..40u8 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            caller.write_all(&[i; 10]).await.unwrap();
+            sent.extend_from_slice(&[i; 10]);
+        }
+        caller.shutdown().await.unwrap();
+        let got = reader.await.unwrap();
+        let (r, moved, c) = task.await.unwrap();
+        r.unwrap();
+        assert!(got == sent, "every byte, in order");
+        assert_eq!(moved, sent.len() as u64);
+        assert!(c.pipe.is_some(), "the bulk was spliced");
+        assert!(!c.splicing, "small messages went back to the buffer");
     }
 
     #[tokio::test]
