@@ -16,7 +16,7 @@ use crate::{
     audit::Audit,
     ids::{OrigDst, SessionId},
     intercept::{cgroup::CgroupResolver, probes::ConnTable},
-    policy::{Decision, Policy},
+    policy::{Decision, Policy, Verdict},
     tls::LocalCa,
 };
 
@@ -168,8 +168,9 @@ pub struct Stats {
     pub reattachments: AtomicU64,
     /// Requests held for a human now (a gauge).
     pub approvals_held: AtomicU64,
-    /// Every decision (session-level and per request), by labels.
-    decisions: Mutex<BTreeMap<DecisionKey, u64>>,
+    /// Every decision (session-level and per request), by labels. Sessions
+    /// keep the counters they use, so counting takes no lock.
+    decisions: Mutex<BTreeMap<DecisionKey, Arc<AtomicU64>>>,
 }
 
 impl Stats {
@@ -201,16 +202,50 @@ impl Stats {
     /// and each protocol's per-request check) reports here, so the metrics
     /// see every decision by verdict, role, target and protocol.
     pub fn decision(&self, decision: &Decision, target: &str, protocol: &str) {
+        Stats::inc(&self.decision_counter(decision, target, protocol));
+    }
+
+    /// The counter of decisions with these labels, for a caller that counts
+    /// many (see [`DecisionCounters`]).
+    pub fn decision_counter(&self, decision: &Decision, target: &str, protocol: &str) -> Arc<AtomicU64> {
         let key = DecisionKey {
             verdict: decision.verdict.to_string(),
             role: decision.role.clone().unwrap_or_default(),
             target: target.to_string(),
             protocol: protocol.to_string(),
         };
-        *self.decisions.lock().expect("decisions lock").entry(key).or_default() += 1;
+        self.decisions.lock().expect("decisions lock").entry(key).or_default().clone()
     }
 
     pub fn decisions(&self) -> Vec<(DecisionKey, u64)> {
-        self.decisions.lock().expect("decisions lock").iter().map(|(k, n)| (k.clone(), *n)).collect()
+        self.decisions
+            .lock()
+            .expect("decisions lock")
+            .iter()
+            .map(|(k, n)| (k.clone(), n.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+/// One session's decision counters for a target and protocol, by verdict:
+/// counting a request's decision is then one atomic add.
+#[derive(Default)]
+pub struct DecisionCounters {
+    /// (verdict, role) and its counter.
+    known: Vec<(Verdict, Option<String>, Arc<AtomicU64>)>,
+}
+
+impl DecisionCounters {
+    pub fn count(&mut self, stats: &Stats, decision: &Decision, target: &str, protocol: &str) {
+        let found =
+            self.known.iter().find(|(v, r, _)| *v == decision.verdict && r.as_deref() == decision.role.as_deref());
+        match found {
+            Some((_, _, c)) => Stats::inc(c),
+            None => {
+                let c = stats.decision_counter(decision, target, protocol);
+                Stats::inc(&c);
+                self.known.push((decision.verdict, decision.role.clone(), c));
+            }
+        }
     }
 }

@@ -391,7 +391,9 @@ fn session_level_denial_startup_filtering_cancel_and_reload() {
     assert_eq!(r[1]["cancel_sent"], true, "{r:?}");
     assert_eq!(r[1]["result"]["error"]["code"], "57014", "the query was cancelled: {r:?}\n{}", f.agent.log_text());
 
-    // A reload applies to the next statement of an open session.
+    // A reload applies to the next statement of an open session, also to a
+    // statement decided before it (the same text, or the same but for its
+    // numbers, in the simple and the extended protocol).
     let bin = helper_bin("pg-client");
     let mut child = f
         .agent
@@ -401,21 +403,25 @@ fn session_level_denial_startup_filtering_cancel_and_reload() {
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"SELECT 'before'\n").unwrap();
+    stdin.write_all(b"SELECT 'before'\nSIMPLE SELECT 'before'\nSIMPLE SELECT 41 + 1\n").unwrap();
     stdin.flush().unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
     let mut next = || serde_json::from_str::<Value>(&lines.next().unwrap().unwrap()).unwrap();
     assert_eq!(next()["connected"], true);
     assert_eq!(next()["rows"], serde_json::json!([["before"]]));
+    assert_eq!(next()["rows"], serde_json::json!([["before"]]));
+    assert_eq!(next()["rows"], serde_json::json!([["42"]]));
     let tightened = policy(&f.pg, "/dev/null").replace(
         "allow = [\"read\", \"session\", \"transaction\"]\ndeny = [\"*\"]",
         "allow = [\"session\"]\ndeny = [\"*\"]",
     );
     f.agent.replace_policy(&tightened).expect("reload");
-    stdin.write_all(b"SELECT 'after'\n").unwrap();
+    stdin.write_all(b"SELECT 'after'\nSELECT 'before'\nSIMPLE SELECT 'before'\nSIMPLE SELECT 40 + 2\n").unwrap();
     drop(stdin);
-    let after = next();
-    assert_eq!(after["error"]["code"], "42501", "{after}");
+    for _ in 0..4 {
+        let after = next();
+        assert_eq!(after["error"]["code"], "42501", "{after}");
+    }
     let _ = child.wait();
 }
 

@@ -3,7 +3,9 @@
 //! object per statement.
 //!
 //! - `pg-client query HOST PORT USER PASSWORD DB`: statements from stdin, one
-//!   per line; a line `PIPELINE a ;; b ;; c` sends its statements pipelined.
+//!   per line; a line `PIPELINE a ;; b ;; c` sends its statements pipelined,
+//!   a line `SIMPLE sql` sends it with the simple query protocol (rows as
+//!   text).
 //! - `pg-client cancel HOST PORT USER PASSWORD DB`: starts `SELECT
 //!   pg_sleep(30)` and cancels it through the cancel key the server gave.
 //! - `pg-client fncall HOST PORT DB OID`: raw protocol: start-up, one
@@ -64,6 +66,9 @@ async fn queries(client: &Client) {
             for (sql, r) in sqls.iter().zip(results) {
                 println!("{}", result_json(sql, r));
             }
+        } else if let Some(sql) = line.strip_prefix("SIMPLE ") {
+            let r = client.simple_query(sql).await;
+            println!("{}", simple_json(sql, r));
         } else {
             let r = client.query(line.as_str(), &[]).await;
             println!("{}", result_json(&line, r));
@@ -89,6 +94,25 @@ fn error_json(e: &tokio_postgres::Error) -> Value {
     match e.as_db_error() {
         Some(db) => json!({"code": db.code().code(), "message": db.message(), "detail": db.detail()}),
         None => json!({"code": null, "message": e.to_string()}),
+    }
+}
+
+fn simple_json(sql: &str, r: Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error>) -> Value {
+    use tokio_postgres::SimpleQueryMessage;
+    match r {
+        Ok(msgs) => {
+            let rows: Vec<Value> = msgs
+                .iter()
+                .filter_map(|m| match m {
+                    SimpleQueryMessage::Row(row) => {
+                        Some(json!((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect::<Vec<_>>()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            json!({"sql": sql, "ok": true, "rows": rows})
+        }
+        Err(e) => json!({"sql": sql, "ok": false, "error": error_json(&e)}),
     }
 }
 

@@ -38,7 +38,7 @@ use super::{
 use crate::{
     approvals::{self, HoldRequest},
     audit::{DecisionInfo, Event, RequestInfo},
-    enforcer::Stats,
+    enforcer::{DecisionCounters, Stats},
     ids::SessionId,
     masking::Mode,
     policy::{decide::rule_of, decide_sql, Decision, Policy, SqlRequest, Verdict},
@@ -118,6 +118,8 @@ where
         portals: HashMap::new(),
         cache: HashMap::new(),
         by_numbers: HashMap::new(),
+        key: String::new(),
+        memo: Memo { policy: None, entries: HashMap::new() },
         bytes: 0,
         cycles: 0,
         txn: txn.clone(),
@@ -126,6 +128,7 @@ where
         oob: oob_tx,
         mask_source: masking.source,
         mask_policy: masking.policy,
+        counters: DecisionCounters::default(),
     };
     let mut back = Back {
         from: FrameReader::with_buffer(ur, u_buf),
@@ -175,16 +178,24 @@ where
 /// and no control characters; otherwise `None` (cache by exact text only).
 /// A number is a run of digits, letters, `_` and `.` that starts with a
 /// digit not preceded by a name character (`t1` stays a name).
+#[cfg(test)]
 fn numbers_key(sql: &str) -> Option<String> {
+    let mut out = String::new();
+    numbers_key_into(sql, &mut out).then_some(out)
+}
+
+/// [`numbers_key`] written into `out` (cleared first), so that a session
+/// reuses one buffer; false when there is no such key.
+fn numbers_key_into(sql: &str, out: &mut String) -> bool {
+    out.clear();
     let b = sql.as_bytes();
     if b.iter().any(|&c| {
         matches!(c, b'\'' | b'"' | b'$' | b'\\' | b'`') || c < 0x20 && !matches!(c, b' ' | b'\t' | b'\n' | b'\r')
     }) || sql.contains("--")
         || sql.contains("/*")
     {
-        return None;
+        return false;
     }
-    let mut out = String::with_capacity(sql.len());
     let mut i = 0;
     let mut replaced = false;
     while i < b.len() {
@@ -209,7 +220,7 @@ fn numbers_key(sql: &str) -> Option<String> {
         out.push_str(&sql[i..end]);
         i = end;
     }
-    replaced.then_some(out)
+    replaced
 }
 
 fn marker_prefix(nonce: u64) -> String {
@@ -231,6 +242,12 @@ struct Prepared {
 
 type Classified = Arc<Result<Vec<StatementInfo>, ClassifyError>>;
 
+/// See `Front::memo`.
+struct Memo {
+    policy: Option<Arc<Policy>>,
+    entries: HashMap<usize, (Classified, Arc<Vec<Decided>>)>,
+}
+
 struct Front<'s, R, W> {
     session: &'s Session,
     from: FrameReader<R>,
@@ -245,6 +262,11 @@ struct Front<'s, R, W> {
     cache: HashMap<Box<str>, Classified>,
     /// Classifications by [`numbers_key`].
     by_numbers: HashMap<Box<str>, Classified>,
+    /// The buffer [`numbers_key_into`] writes keys into.
+    key: String,
+    /// Decisions of cached classifications under the policy they were made
+    /// under, by the classification's address (each entry keeps it alive).
+    memo: Memo,
     bytes: u64,
     /// Exchanges sent that end with ReadyForQuery.
     cycles: u64,
@@ -261,6 +283,7 @@ struct Front<'s, R, W> {
     /// The inputs of this session's masks, and the policy last checked.
     mask_source: MaskSource,
     mask_policy: Arc<Policy>,
+    counters: DecisionCounters,
 }
 
 /// Keeps the held-requests gauge and the pending list right whichever way
@@ -298,6 +321,7 @@ enum Held {
 }
 
 /// One statement's decision, before it is recorded.
+#[derive(Clone)]
 struct Decided {
     info: Arc<StatementInfo>,
     decision: Decision,
@@ -424,42 +448,78 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
     }
 
     /// Classifies SQL text, from the cache when seen before: the same text,
-    /// or the same text but for its numbers (see [`numbers_key`]).
-    fn classify(&mut self, sql: &str) -> Classified {
+    /// or the same text but for its numbers (see [`numbers_key`]). With
+    /// `own_text`, a classification found by its numbers is given this
+    /// statement's own text; otherwise it is the shared one, whose `sql` is
+    /// the text first seen (the caller records the text it has). The flag
+    /// says whether the answer is a cached (shared) one.
+    fn classify(&mut self, sql: &str, own_text: bool) -> (Classified, bool) {
         if let Some(c) = self.cache.get(sql) {
-            return c.clone();
+            return (c.clone(), true);
         }
-        let key = if sql.len() <= CACHE_TEXT { numbers_key(sql) } else { None };
-        if let Some(Ok(one)) = key.as_deref().and_then(|k| self.by_numbers.get(k)).map(|c| c.as_ref()) {
-            // The classification of the same statement with other numbers,
-            // with this statement's own text.
-            let info = StatementInfo { sql: sql.to_string(), ..one[0].clone() };
-            return Arc::new(Ok(vec![info]));
+        let keyed = sql.len() <= CACHE_TEXT && numbers_key_into(sql, &mut self.key);
+        if let Some(c) = keyed.then(|| self.by_numbers.get(self.key.as_str())).flatten() {
+            if !own_text {
+                return (c.clone(), true);
+            }
+            if let Ok(one) = c.as_ref() {
+                // The classification of the same statement with other
+                // numbers, with this statement's own text.
+                let info = StatementInfo { sql: sql.to_string(), ..one[0].clone() };
+                return (Arc::new(Ok(vec![info])), false);
+            }
         }
         let c: Classified = Arc::new(classify::classify(sql));
-        if sql.len() <= CACHE_TEXT {
-            if self.cache.len() >= CACHE_ENTRIES {
-                self.cache.clear();
-            }
-            self.cache.insert(sql.into(), c.clone());
-            // Numbers cannot change what a plain read or write is when it
-            // calls no function (a number could be a sleep, a setting's
-            // value...): then the key stands for it with any numbers.
-            if let (Some(k), Ok(v)) = (key, c.as_ref()) {
-                let plain = v.len() == 1
-                    && v[0].functions.is_empty()
-                    && !v[0].foreign
-                    && v[0].namespace == Namespace::None
-                    && v[0].classes.iter().all(|c| *c == class::READ || *c == class::WRITE);
-                if plain {
-                    if self.by_numbers.len() >= CACHE_ENTRIES {
-                        self.by_numbers.clear();
-                    }
-                    self.by_numbers.insert(k.into(), c.clone());
+        if sql.len() > CACHE_TEXT {
+            return (c, false);
+        }
+        if self.cache.len() >= CACHE_ENTRIES {
+            self.cache.clear();
+        }
+        self.cache.insert(sql.into(), c.clone());
+        // Numbers cannot change what a plain read or write is when it
+        // calls no function (a number could be a sleep, a setting's
+        // value...): then the key stands for it with any numbers.
+        if let (true, Ok(v)) = (keyed, c.as_ref()) {
+            let plain = v.len() == 1
+                && v[0].functions.is_empty()
+                && !v[0].foreign
+                && v[0].namespace == Namespace::None
+                && v[0].classes.iter().all(|c| *c == class::READ || *c == class::WRITE);
+            if plain {
+                if self.by_numbers.len() >= CACHE_ENTRIES {
+                    self.by_numbers.clear();
                 }
+                self.by_numbers.insert(self.key.as_str().into(), c.clone());
             }
         }
-        c
+        (c, true)
+    }
+
+    /// Decides every statement of a classification; a cached one is decided
+    /// once per policy. Statements that refer to prepared ones (`EXECUTE`)
+    /// are decided each time, as what they refer to may change.
+    fn decide_all(&mut self, policy: &Arc<Policy>, classified: &Classified, cached: bool) -> Arc<Vec<Decided>> {
+        let statements = classified.as_ref().as_ref().map(Vec::as_slice).unwrap_or_default();
+        let memoable = cached && statements.iter().all(|s| s.namespace == Namespace::None);
+        let key = Arc::as_ptr(classified) as usize;
+        if memoable {
+            if !self.memo.policy.as_ref().is_some_and(|p| Arc::ptr_eq(p, policy)) {
+                self.memo.entries.clear();
+                self.memo.policy = Some(policy.clone());
+            }
+            if let Some((_, d)) = self.memo.entries.get(&key) {
+                return d.clone();
+            }
+        }
+        let decided: Arc<Vec<Decided>> = Arc::new(statements.iter().map(|s| self.decide(policy, s)).collect());
+        if memoable {
+            if self.memo.entries.len() >= CACHE_ENTRIES {
+                self.memo.entries.clear();
+            }
+            self.memo.entries.insert(key, (classified.clone(), decided.clone()));
+        }
+        decided
     }
 
     /// Decides one classified statement under `policy`, resolving `EXECUTE`
@@ -589,17 +649,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 return Ok(true);
             }
         };
-        let classified = self.classify(sql);
-        let statements = match classified.as_ref() {
-            Err(e) => {
-                let d = self.fail_closed(&policy, &format!("{e}; SQL portcullis cannot read is denied"));
-                self.record_unparsed(sql, &d);
-                self.deny(true, &d);
-                return Ok(true);
-            }
-            Ok(s) => s,
-        };
-        let mut decided: Vec<Decided> = statements.iter().map(|s| self.decide(&policy, s)).collect();
+        // A statement shared by its numbers carries the text first seen:
+        // `sql` is what is recorded and held (single statements only share).
+        let (classified, cached) = self.classify(sql, false);
+        if let Err(e) = classified.as_ref() {
+            let d = self.fail_closed(&policy, &format!("{e}; SQL portcullis cannot read is denied"));
+            self.record_unparsed(sql, &d);
+            self.deny(true, &d);
+            return Ok(true);
+        }
+        let mut decided = self.decide_all(&policy, &classified, cached);
         let single = decided.len() == 1;
         let denied = decided.iter().any(|d| d.decision.verdict == Verdict::Deny);
         if !denied && decided.iter().any(|d| d.decision.verdict == Verdict::Approve) {
@@ -607,10 +666,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
             let held = decided.iter().find(|d| d.decision.verdict == Verdict::Approve).expect("found").decision.clone();
             let sql = sql.to_string();
             let outcome = self.hold(&sql, shape, &held).await?;
-            decided = decided
-                .into_iter()
-                .map(|d| Decided { info: d.info, decision: Self::settle(d.decision, &outcome) })
-                .collect();
+            decided = Arc::new(
+                decided
+                    .iter()
+                    .cloned()
+                    .map(|d| Decided { info: d.info, decision: Self::settle(d.decision, &outcome) })
+                    .collect(),
+            );
             if matches!(outcome, Held::Gone) {
                 self.record_all(&decided, single.then_some(&sql)).await?;
                 return Ok(false);
@@ -620,7 +682,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
         match refused {
             None => {
                 self.record_all(&decided, single.then_some(sql)).await?;
-                for d in &decided {
+                for d in decided.iter() {
                     self.apply_namespace(&d.info, &policy);
                 }
                 let computed = decided.iter().filter_map(|d| self.columns.computed(&d.info)).reduce(Mode::stricter);
@@ -631,7 +693,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 let why = decided[i].decision.clone();
                 let n = decided.len();
                 let decided: Vec<Decided> = decided
-                    .into_iter()
+                    .iter()
+                    .cloned()
                     .map(|d| {
                         if d.decision.verdict == Verdict::Allow {
                             let decision = Decision {
@@ -663,7 +726,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 return self.refuse_parse(name, "", d);
             }
         };
-        let classified = self.classify(sql);
+        let (classified, _) = self.classify(sql, true);
         let statements = match classified.as_ref() {
             Err(e) => {
                 let d = self.fail_closed(&policy, &format!("{e}; SQL portcullis cannot read is denied"));
@@ -911,9 +974,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
     }
 
     /// Counts a statement's decision in the metrics.
-    fn count(&self, d: &Decision) {
+    fn count(&mut self, d: &Decision) {
         let stats = &self.session.enforcer.stats;
-        stats.decision(d, &self.session.target.name, "postgres");
+        self.counters.count(stats, d, &self.session.target.name, "postgres");
         match d.verdict {
             Verdict::Allow => Stats::inc(&stats.allowed),
             Verdict::Deny => Stats::inc(&stats.denied),
@@ -921,7 +984,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
         }
     }
 
-    fn record_unparsed(&self, sql: &str, d: &Decision) {
+    fn record_unparsed(&mut self, sql: &str, d: &Decision) {
         self.count(d);
         self.session.enforcer.audit.record(Event::Decision {
             session: self.session.id,
