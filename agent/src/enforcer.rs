@@ -249,3 +249,20 @@ impl DecisionCounters {
         }
     }
 }
+
+/// Counts a request in the `approvals_held` gauge for as long as it lives,
+/// whichever way the wait ends (the session's task dropped included).
+pub struct HeldGauge<'s>(&'s AtomicU64);
+
+impl<'s> HeldGauge<'s> {
+    pub fn new(stats: &'s Stats) -> HeldGauge<'s> {
+        Stats::inc(&stats.approvals_held);
+        HeldGauge(&stats.approvals_held)
+    }
+}
+
+impl Drop for HeldGauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -93,6 +93,12 @@ fn approved_request_runs_and_the_caller_sees_success() {
     assert_eq!(p["target"], "deploy-hook");
     assert_eq!(p["rule"], "roles.deployer.rules[0]");
     assert_eq!(up.count(), 0, "nothing reaches the upstream while held");
+    // The gauge moves just after the request is listed as pending.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent.metrics_text().lines().any(|l| l == "portcullis_approvals_held 1") {
+        assert!(Instant::now() < deadline, "the held connection is counted: {}", agent.metrics_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let line = agent.wait_log("request held for approval");
     assert!(line.contains("WARN"), "held requests are logged at warn: {line}");
 
@@ -102,6 +108,7 @@ fn approved_request_runs_and_the_caller_sees_success() {
     let r = finish(client);
     assert_eq!(r["reply"], "echo:ship-it", "{r}");
     assert_eq!(up.count(), 1);
+    assert!(agent.metrics_text().lines().any(|l| l == "portcullis_approvals_held 0"), "and no longer once answered");
 
     let decided = agent.wait_audit("approval decided", |r| r["type"] == "approval_decided");
     assert_eq!(decided["outcome"]["outcome"], "approved");

@@ -25,7 +25,7 @@ use super::{connect_upstream, Outcome, Session};
 use crate::{
     approvals::HoldRequest,
     audit::{DecisionInfo, Event, RequestInfo},
-    enforcer::Stats,
+    enforcer::{HeldGauge, Stats},
     policy::{Decision, Verdict},
 };
 
@@ -277,7 +277,9 @@ async fn hold(session: &Session, client: &TcpStream, admission: &Decision) -> Re
         rule: admission.rule.clone(),
         timeout: admission.approval_timeout,
     });
+    let gauge = (!ticket.is_settled()).then(|| HeldGauge::new(&enforcer.stats));
     let outcome = enforcer.approvals.wait(ticket, caller_gone(client)).await;
+    drop(gauge);
     let approved = outcome.approved();
     let decision = Decision {
         verdict: if approved { Verdict::Allow } else { Verdict::Deny },
