@@ -79,12 +79,17 @@ pub struct AuditConfig {
     pub on_full: FullPolicy,
     /// Response content kept in a record, at most (longer is cut).
     pub response_cap: usize,
+    /// Most bytes of records waiting for the writer. Beyond it (the disk
+    /// stalls while traffic goes on) plain records are counted as lost and
+    /// state-changing requests are refused, instead of memory growing.
+    pub queue_bytes: usize,
 }
 
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(90 * 86400);
 pub const DEFAULT_RESPONSE_CAP: usize = 4096;
+pub const DEFAULT_QUEUE_BYTES: usize = 64 << 20;
 
 impl AuditConfig {
     /// Defaults for a log in `dir`.
@@ -98,6 +103,7 @@ impl AuditConfig {
             sync_interval: Duration::from_secs(1),
             on_full: FullPolicy::Refuse,
             response_cap: DEFAULT_RESPONSE_CAP,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
         }
     }
 }

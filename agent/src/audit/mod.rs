@@ -43,6 +43,8 @@ pub enum AuditError {
     Damaged { path: PathBuf, reason: String },
     #[error("the audit writer has stopped")]
     Stopped,
+    #[error("the audit writer is behind ({0} bytes queued): records cannot be queued until it catches up")]
+    Behind(usize),
 }
 
 impl AuditError {
@@ -103,10 +105,14 @@ struct Shared {
     dir: PathBuf,
     scrubber: RwLock<scrub::Scrubber>,
     response_cap: usize,
+    queue_bytes: usize,
     on_full: FullPolicy,
     stats: AuditStats,
     /// Set by the writer thread when it has stopped (log closed, lock freed).
     stopped: (std::sync::Mutex<bool>, std::sync::Condvar),
+    /// Plain records refused by a full queue since the writer last saw it:
+    /// (count, time of the first), recorded as a loss.
+    dropped: std::sync::Mutex<(u64, u64)>,
 }
 
 /// The sending side of the writer's queue; the queue closes when the last
@@ -137,11 +143,13 @@ impl Audit {
             dir: cfg.dir.clone(),
             scrubber: RwLock::new(scrub::Scrubber::default()),
             response_cap: cfg.response_cap,
+            queue_bytes: cfg.queue_bytes,
             on_full: cfg.on_full,
             stats: AuditStats::default(),
             stopped: Default::default(),
+            dropped: Default::default(),
         });
-        let rx = Arc::new(queue::Queue::default());
+        let rx = Arc::new(queue::Queue::new(cfg.queue_bytes));
         let tx = Arc::new(Sender(rx.clone()));
         let metrics = Arc::new(AuditMetrics::default());
         let audit = Audit { tx, shared: shared.clone(), metrics: metrics.clone() };
@@ -208,9 +216,26 @@ impl Audit {
     /// the others queued meanwhile) and fsynced within the sync interval.
     pub fn record(&self, event: Event) {
         let payload = self.encode(event);
-        self.shared.stats.queued.fetch_add(1, Ordering::Relaxed);
-        self.metrics.queued();
-        self.tx.0.push(Cmd::Record(payload), false);
+        let len = payload.len();
+        match self.tx.0.push(Cmd::Record(payload), len, false) {
+            Ok(()) => {
+                self.shared.stats.queued.fetch_add(1, Ordering::Relaxed);
+                self.metrics.queued();
+            }
+            Err(queue::Refused::Closed) => {}
+            Err(queue::Refused::Full) => {
+                self.shared.stats.lost.fetch_add(1, Ordering::Relaxed);
+                let mut d = self.shared.dropped.lock().unwrap_or_else(|e| e.into_inner());
+                if d.0 == 0 {
+                    error!(
+                        queued_bytes = self.shared.queue_bytes,
+                        "audit writer is behind; records are lost (and counted) until it catches up"
+                    );
+                    d.1 = now_ms();
+                }
+                d.0 += 1;
+            }
+        }
     }
 
     /// Writes a record and returns once it is on disk. Callers forward a
@@ -232,10 +257,14 @@ impl Audit {
     pub async fn append_durable(&self, event: Event) -> Result<u64, AuditError> {
         let payload = self.encode(event);
         let (done, wait) = oneshot::channel();
-        self.shared.stats.queued.fetch_add(1, Ordering::Relaxed);
-        self.metrics.queued();
-        if !self.tx.0.push(Cmd::Durable(payload, done), true) {
-            return Err(AuditError::Stopped);
+        let len = payload.len();
+        match self.tx.0.push(Cmd::Durable(payload, done), len, true) {
+            Ok(()) => {
+                self.shared.stats.queued.fetch_add(1, Ordering::Relaxed);
+                self.metrics.queued();
+            }
+            Err(queue::Refused::Closed) => return Err(AuditError::Stopped),
+            Err(queue::Refused::Full) => return Err(AuditError::Behind(self.shared.queue_bytes)),
         }
         match wait.await {
             Ok(Ok(seq)) => Ok(seq),
@@ -247,8 +276,10 @@ impl Audit {
     /// Waits until everything queued so far is on disk.
     pub async fn sync(&self) -> Result<(), AuditError> {
         let (done, wait) = oneshot::channel();
-        if !self.tx.0.push(Cmd::Sync(done), true) {
-            return Err(AuditError::Stopped);
+        match self.tx.0.push(Cmd::Sync(done), 0, true) {
+            Ok(()) => {}
+            Err(queue::Refused::Closed) => return Err(AuditError::Stopped),
+            Err(queue::Refused::Full) => return Err(AuditError::Behind(self.shared.queue_bytes)),
         }
         match wait.await {
             Ok(Ok(())) => Ok(()),
@@ -411,6 +442,17 @@ impl Writer {
     }
 
     fn process(&mut self, batch: Vec<Cmd>) {
+        let (dropped, since) = std::mem::take(&mut *self.shared.dropped.lock().unwrap_or_else(|e| e.into_inner()));
+        if dropped > 0 {
+            let now = now_ms();
+            match &mut self.loss {
+                Some(l) => {
+                    l.0 += dropped;
+                    l.3 = now;
+                }
+                None => self.loss = Some((dropped, 0, since, now, "the audit writer was behind".into())),
+            }
+        }
         let mut payloads = Vec::with_capacity(batch.len() + 1);
         let mut acks: Vec<(usize, Ack)> = Vec::new();
         let mut syncs = Vec::new();

@@ -15,8 +15,19 @@ use std::{
 /// fsynced within the sync interval anyway).
 pub const TICK: Duration = Duration::from_millis(2);
 
+/// Why an item was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Every sender is gone.
+    Closed,
+    /// The queue holds its limit: the consumer is behind (a stalled disk).
+    Full,
+}
+
 struct State<T> {
     items: Vec<T>,
+    /// The weight of `items` (bytes, for records).
+    weight: usize,
     /// The writer waits with no plain record pending and must be woken by
     /// the next one.
     idle: bool,
@@ -32,15 +43,8 @@ struct State<T> {
 pub struct Queue<T> {
     state: Mutex<State<T>>,
     wake: Condvar,
-}
-
-impl<T> Default for Queue<T> {
-    fn default() -> Self {
-        Queue {
-            state: Mutex::new(State { items: Vec::new(), idle: false, waiting: false, urgent: false, closed: false }),
-            wake: Condvar::new(),
-        }
-    }
+    /// Most weight queued at once.
+    limit: usize,
 }
 
 /// What one wait of the consumer gave.
@@ -51,18 +55,27 @@ pub struct Taken<T> {
 }
 
 impl<T> Queue<T> {
+    /// A queue that holds at most `limit` weight at a time.
+    pub fn new(limit: usize) -> Queue<T> {
+        let state = State { items: Vec::new(), weight: 0, idle: false, waiting: false, urgent: false, closed: false };
+        Queue { state: Mutex::new(state), wake: Condvar::new(), limit }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State<T>> {
         // A panic while holding the lock leaves a plain Vec behind: still usable.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues an item; `urgent` when a caller waits for it. False when the
-    /// queue is closed.
-    pub fn push(&self, item: T, urgent: bool) -> bool {
+    /// Queues an item of `weight`; `urgent` when a caller waits for it.
+    pub fn push(&self, item: T, weight: usize, urgent: bool) -> Result<(), Refused> {
         let mut s = self.lock();
         if s.closed {
-            return false;
+            return Err(Refused::Closed);
         }
+        if s.weight + weight > self.limit && !s.items.is_empty() {
+            return Err(Refused::Full);
+        }
+        s.weight += weight;
         s.items.push(item);
         let wake = s.waiting && (urgent || s.idle);
         s.urgent |= urgent;
@@ -74,7 +87,7 @@ impl<T> Queue<T> {
         if wake {
             self.wake.notify_one();
         }
-        true
+        Ok(())
     }
 
     /// Marks the queue closed (the last sender is gone) and wakes the
@@ -101,6 +114,7 @@ impl<T> Queue<T> {
         s.waiting = false;
         s.idle = false;
         s.urgent = false;
+        s.weight = 0;
         Taken { items: std::mem::take(&mut s.items), closed: s.closed }
     }
 }
@@ -117,7 +131,7 @@ mod tests {
 
     #[test]
     fn an_idle_consumer_wakes_for_the_first_item() {
-        let q = Arc::new(Queue::default());
+        let q = Arc::new(Queue::new(1 << 20));
         let q2 = q.clone();
         let t = thread::spawn(move || {
             let started = Instant::now();
@@ -125,7 +139,7 @@ mod tests {
             (got.items, started.elapsed())
         });
         thread::sleep(Duration::from_millis(50));
-        assert!(q.push(1, false));
+        q.push(1, 1, false).unwrap();
         let (items, waited) = t.join().unwrap();
         assert_eq!(items, vec![1]);
         assert!(waited < Duration::from_secs(30), "woken by the item, not the timeout");
@@ -133,25 +147,25 @@ mod tests {
 
     #[test]
     fn a_ticking_consumer_batches_plain_items_but_wakes_for_urgent_ones() {
-        let q = Arc::new(Queue::default());
+        let q = Arc::new(Queue::new(1 << 20));
         // Plain items while ticking: taken only when the tick ends.
-        q.push(1, false);
+        q.push(1, 1, false).unwrap();
         let got = q.take(Duration::from_millis(20), true);
         assert_eq!(got.items, vec![1]);
         let q2 = q.clone();
         let t = thread::spawn(move || q2.take(Duration::from_secs(30), true).items);
         thread::sleep(Duration::from_millis(50));
-        q.push(2, false);
+        q.push(2, 1, false).unwrap();
         thread::sleep(Duration::from_millis(20));
         assert!(!t.is_finished(), "a plain item does not end a tick");
-        q.push(3, true);
+        q.push(3, 1, true).unwrap();
         assert_eq!(t.join().unwrap(), vec![2, 3]);
     }
 
     #[test]
     fn closing_wakes_the_consumer_and_refuses_more() {
-        let q = Arc::new(Queue::default());
-        q.push(1, false);
+        let q = Arc::new(Queue::new(1 << 20));
+        q.push(1, 1, false).unwrap();
         let q2 = q.clone();
         let t = thread::spawn(move || q2.take(Duration::from_secs(30), true));
         thread::sleep(Duration::from_millis(20));
@@ -159,12 +173,26 @@ mod tests {
         let got = t.join().unwrap();
         assert!(got.closed);
         assert_eq!(got.items, vec![1]);
-        assert!(!q.push(2, true));
+        assert_eq!(q.push(2, 1, true), Err(Refused::Closed));
+    }
+
+    #[test]
+    fn a_full_queue_refuses_until_the_consumer_takes() {
+        let q = Queue::new(10);
+        q.push(1, 6, false).unwrap();
+        q.push(2, 4, false).unwrap();
+        assert_eq!(q.push(3, 1, true), Err(Refused::Full));
+        assert_eq!(q.take(Duration::ZERO, true).items, vec![1, 2]);
+        q.push(3, 1, true).unwrap();
+        // One item heavier than the limit still goes into an empty queue.
+        let q = Queue::new(10);
+        q.push(1, 50, false).unwrap();
+        assert_eq!(q.push(2, 1, false), Err(Refused::Full));
     }
 
     #[test]
     fn a_timeout_with_nothing_queued_gives_nothing() {
-        let q: Queue<u32> = Queue::default();
+        let q: Queue<u32> = Queue::new(1 << 20);
         let got = q.take(Duration::from_millis(5), false);
         assert!(got.items.is_empty() && !got.closed);
     }

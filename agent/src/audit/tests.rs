@@ -465,3 +465,57 @@ fn since_accepts_times_durations_and_epoch_millis() {
     assert!(query::parse_since("yesterday", 0).is_err());
     assert_eq!(query::format_time(1_767_225_600_123), "2026-01-01T00:00:00.123Z");
 }
+
+#[tokio::test]
+async fn a_full_queue_loses_plain_records_counted_and_refuses_durable_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    // Room for one record: while the writer batches, the next ones find the
+    // queue full.
+    c.queue_bytes = 1;
+    let audit = Audit::open(c).unwrap();
+    let mut sent = 0u64;
+    while audit.stats().lost.load(Ordering::Relaxed) == 0 {
+        assert!(sent < 1_000_000, "the queue never filled");
+        audit.record(end(1, sent));
+        sent += 1;
+    }
+    // A durable record meets the same full queue and is refused (fail
+    // closed); once the writer has caught up, it goes through.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        assert!(tries < 100_000, "a durable record was never refused");
+        for _ in 0..10 {
+            audit.record(end(1, sent));
+            sent += 1;
+        }
+        match audit.record_durable(end(2, 0)).await {
+            Err(AuditError::Behind(_)) => break,
+            Err(e) => panic!("{e}"),
+            Ok(()) => {}
+        }
+    }
+    while let Err(e) = audit.record_durable(end(2, 1)).await {
+        assert!(matches!(e, AuditError::Behind(_)), "{e}");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    while audit.sync().await.is_err() {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    // Everything queued is recorded, and one more record makes the writer
+    // write down the loss.
+    audit.record(end(3, 0));
+    while audit.sync().await.is_err() {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let lost = audit.stats().lost.load(Ordering::Relaxed);
+    let recs = exported(dir.path());
+    let one = SessionId(1).to_string();
+    let ends = recs.iter().filter(|r| r["type"] == "session_end" && r["session"] == one.as_str()).count() as u64;
+    assert_eq!(ends + lost, sent, "every plain record is either written or counted lost");
+    let losses: u64 = recs.iter().filter(|r| r["type"] == "audit_loss").map(|r| r["records"].as_u64().unwrap()).sum();
+    assert_eq!(losses, lost, "the loss is recorded: {recs:?}");
+    assert!(recs.iter().any(|r| r["type"] == "audit_loss" && r["error"] == "the audit writer was behind"));
+    assert!(read::verify(dir.path()).unwrap().ok);
+}
