@@ -241,15 +241,20 @@ async fn watch_policy(daemon: Arc<Daemon>) {
     };
     let mut last = std::fs::read(&path).ok();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // When the file's current content was last loaded on a file change: a
+    // SIGHUP right after it (an editor's save and a `systemctl reload` in
+    // one go) has nothing left to do.
+    let mut changed_at: Option<std::time::Instant> = None;
     loop {
         let forced = tokio::select! {
             _ = hup.recv() => true,
             _ = tick.tick() => false,
         };
         let now = std::fs::read(&path).ok();
-        if !forced && now == last {
+        if now == last && (!forced || changed_at.is_some_and(|t| t.elapsed() < Duration::from_secs(2))) {
             continue;
         }
+        changed_at = (!forced).then(std::time::Instant::now);
         last = now;
         reload(&daemon, &path).await;
     }

@@ -227,6 +227,35 @@ fn reload_applies_good_policies_and_keeps_the_old_one_on_errors() {
     assert_eq!(r["reply"], "", "{r}");
 }
 
+/// An editor's save followed by a SIGHUP reloads once; a SIGHUP on its own
+/// (later, file unchanged) reloads again.
+#[test]
+fn a_file_change_with_a_sighup_reloads_once() {
+    let Some(f) = fixture() else { return };
+    let reloads = || f.agent.status()["counters"]["reloads"].as_u64().unwrap();
+    let wait_for = |n: u64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while reloads() < n {
+            assert!(std::time::Instant::now() < deadline, "no reload:\n{}", f.agent.log_text());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let hup = || {
+        // SAFETY: plain kill(2) on the agent, our own child.
+        unsafe { libc::kill(f.agent.pid().unwrap() as i32, libc::SIGHUP) };
+    };
+    let before = reloads();
+    let changed = policy(&f.echo, &f.echo6, f.other.addr.port()) + "\n# changed\n";
+    std::fs::write(&f.agent.policy_path, changed.replace("@CG@", &f.agent.cgroup_base)).unwrap();
+    wait_for(before + 1);
+    hup();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert_eq!(reloads(), before + 1, "the SIGHUP after the file change has nothing to do");
+    std::thread::sleep(std::time::Duration::from_millis(1600));
+    hup();
+    wait_for(before + 2);
+}
+
 #[test]
 fn upstream_down_closes_the_callers_connection_and_is_recorded() {
     if !require_root() {
