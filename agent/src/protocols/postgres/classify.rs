@@ -163,6 +163,7 @@ pub fn shape(sql: &str) -> String {
 pub fn classify_statement(stmt: &Statement) -> StatementInfo {
     let mut info = StatementInfo::new(kind_of(stmt), stmt.to_string());
     own_classes(stmt, &mut info);
+    named_relations(stmt, &mut info);
     let mut walker = Walker { info: &mut info, skip: Vec::new() };
     let _ = stmt.visit(&mut walker);
     info
@@ -719,6 +720,75 @@ pub fn qualify(schema: Option<&str>, name: &str) -> String {
         Some(s) => format!("{s}.{name}"),
         None if name.starts_with("pg_") => format!("pg_catalog.{name}"),
         None => format!("public.{name}"),
+    }
+}
+
+/// Relations a statement names where the walker does not visit them as
+/// relations (DROP, GRANT and REVOKE, COMMENT, triggers, renames, VACUUM,
+/// ALTER INDEX): table rules must see every relation a statement touches.
+fn named_relations(stmt: &Statement, info: &mut StatementInfo) {
+    use sqlparser::ast::{AlterTableOperation, CommentObject, GrantObjects, ObjectType, RenameTableNameKind};
+    let mut add = |n: &ObjectName| info.tables.extend(relation_names(n));
+    let mut granted = |objects: &Option<GrantObjects>| {
+        if let Some(GrantObjects::Tables(names) | GrantObjects::Sequences(names) | GrantObjects::Views(names)) = objects
+        {
+            names.iter().for_each(&mut add);
+        }
+    };
+    match stmt {
+        Statement::Grant(g) => granted(&g.objects),
+        Statement::Revoke(r) => granted(&r.objects),
+        Statement::Drop { object_type, names, table, .. } => {
+            if matches!(
+                object_type,
+                ObjectType::Table
+                    | ObjectType::View
+                    | ObjectType::MaterializedView
+                    | ObjectType::Index
+                    | ObjectType::Sequence
+            ) {
+                names.iter().for_each(&mut add);
+            }
+            if let Some(t) = table {
+                add(t);
+            }
+        }
+        Statement::Comment { object_type, object_name, .. } => match object_type {
+            CommentObject::Table
+            | CommentObject::View
+            | CommentObject::MaterializedView
+            | CommentObject::Index
+            | CommentObject::Sequence => add(object_name),
+            // `table.column`: the table.
+            CommentObject::Column if object_name.0.len() > 1 => {
+                add(&ObjectName(object_name.0[..object_name.0.len() - 1].to_vec()));
+            }
+            _ => {}
+        },
+        Statement::CreateTrigger(t) => add(&t.table_name),
+        Statement::AlterTable(a) => {
+            for op in &a.operations {
+                if let AlterTableOperation::RenameTable {
+                    table_name: RenameTableNameKind::As(n) | RenameTableNameKind::To(n),
+                } = op
+                {
+                    add(n);
+                }
+            }
+        }
+        Statement::RenameTable(renames) => {
+            for r in renames {
+                add(&r.old_name);
+                add(&r.new_name);
+            }
+        }
+        Statement::Vacuum(v) => {
+            if let Some(t) = &v.table_name {
+                add(t);
+            }
+        }
+        Statement::AlterIndex { name, .. } => add(name),
+        _ => {}
     }
 }
 
@@ -1326,6 +1396,22 @@ mod tests {
         assert_eq!(t("COPY Secrets TO STDOUT"), ["public.secrets"]);
         assert_eq!(t("INSERT INTO s.t SELECT * FROM u"), ["public.u", "s.t"]);
         assert_eq!(t("SELECT * FROM generate_series(1, 3)"), Vec::<String>::new());
+        // Relations named outside of queries count too.
+        assert_eq!(t("DROP TABLE Secrets, s.\"T\""), ["public.secrets", "s.T"]);
+        assert_eq!(t("DROP VIEW IF EXISTS v CASCADE"), ["public.v"]);
+        assert_eq!(t("DROP INDEX auth.i"), ["auth.i"]);
+        assert_eq!(t("DROP SCHEMA auth"), Vec::<String>::new());
+        assert_eq!(t("GRANT SELECT ON secrets, s.t TO bob"), ["public.secrets", "s.t"]);
+        assert_eq!(t("REVOKE ALL ON TABLE secrets FROM bob"), ["public.secrets"]);
+        assert_eq!(t("COMMENT ON TABLE secrets IS 'x'"), ["public.secrets"]);
+        assert_eq!(t("COMMENT ON COLUMN s.secrets.token IS 'x'"), ["s.secrets"]);
+        assert_eq!(
+            t("CREATE TRIGGER tr BEFORE INSERT ON secrets FOR EACH ROW EXECUTE FUNCTION f()"),
+            ["public.secrets"]
+        );
+        assert_eq!(t("ALTER TABLE t RENAME TO secrets"), ["public.secrets", "public.t"]);
+        assert_eq!(t("VACUUM secrets"), ["public.secrets"]);
+        assert_eq!(t("ALTER INDEX i RENAME TO j"), ["public.i"]);
         // `TABLE name` is not read by the parser: refused rather than guessed.
         assert!(classify("TABLE secrets").is_err());
     }
