@@ -286,7 +286,7 @@ pub enum PolicyCommand {
         json: bool,
     },
     /// Show the decision and the rule behind it for a subject and request.
-    Explain(ExplainArgs),
+    Explain(Box<ExplainArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -318,6 +318,16 @@ pub struct ExplainArgs {
     /// create, update (fast-forward), force, delete (repeatable).
     #[arg(long = "ref", requires = "repo")]
     pub git_refs: Vec<String>,
+    /// postgres targets: SQL text, classified as the enforcer does (classes,
+    /// tables, functions; every statement of it).
+    #[arg(long, conflicts_with_all = ["classes", "repo", "method"])]
+    pub sql: Option<String>,
+    /// http targets: the request's method (with `--path`).
+    #[arg(long, requires = "path", conflicts_with_all = ["classes", "repo"])]
+    pub method: Option<String>,
+    /// http targets: the request's path.
+    #[arg(long, requires = "method")]
+    pub path: Option<String>,
 }
 
 /// Exit codes: 0 ok, 1 failure, 2 policy errors / denied explanation.
@@ -418,7 +428,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             clap_mangen::generate_to(cmd, &dir)?;
             Ok(0)
         }
-        Command::Policy(PolicyCommand::Explain(a)) => explain(a).await,
+        Command::Policy(PolicyCommand::Explain(a)) => explain(*a).await,
         Command::Approvals(a) => approvals(&cli.control_socket, a).await,
         Command::Ca(CaCommand::Export { state_dir }) => {
             let ca = crate::tls::LocalCa::load_or_create(&state_dir)?;
@@ -599,8 +609,18 @@ async fn explain(a: ExplainArgs) -> anyhow::Result<i32> {
     let binding = binding_for(&policy, &subject);
     let role = binding.map(|b| b.role.as_str());
     let mut classes: Vec<&str> = a.classes.iter().map(String::as_str).collect();
+    let sql_shown;
     let decision = if let Some(repo) = a.repo.as_deref() {
         git_explain(&policy, role, target, repo, &a.git_refs, &mut classes)?
+    } else if let Some(sql) = a.sql.as_deref() {
+        anyhow::ensure!(target.protocol == policy::Protocol::Postgres, "--sql is for postgres targets");
+        let (d, shown) = sql_explain(&policy, role, target, sql);
+        sql_shown = shown;
+        classes = sql_shown.iter().map(String::as_str).collect();
+        d
+    } else if let (Some(method), Some(path)) = (a.method.as_deref(), a.path.as_deref()) {
+        anyhow::ensure!(target.protocol == policy::Protocol::Http, "--method and --path are for http targets");
+        http_explain(&policy, role, target, method, path)?
     } else if classes.is_empty() {
         decide_session(&policy, role, target)
     } else {
@@ -632,6 +652,76 @@ async fn explain(a: ExplainArgs) -> anyhow::Result<i32> {
         }
     }
     Ok(if decision.is_allow() { 0 } else { 2 })
+}
+
+/// `policy explain --sql TEXT` on a postgres target: each statement as the
+/// enforcer classifies and decides it (printed to stderr); the answer is the
+/// first refusal, else the last statement's decision. Unreadable SQL is
+/// denied, as by the enforcer.
+fn sql_explain(
+    policy: &policy::Policy,
+    role: Option<&str>,
+    target: &policy::Target,
+    sql: &str,
+) -> (policy::Decision, Vec<String>) {
+    use crate::protocols::postgres::classify;
+    let rule_denial = |reason: String| match policy::decide::rule_of(policy, role, target) {
+        Ok((r, rule)) => policy::Decision::deny(Some(&r.name), policy::decide::rule_ref(r, rule), reason),
+        Err(d) => d,
+    };
+    let statements = match classify::classify(sql) {
+        Ok(s) if !s.is_empty() => s,
+        Ok(_) => return (rule_denial("no statement in the SQL text".into()), Vec::new()),
+        Err(e) => return (rule_denial(format!("{e}; SQL portcullis cannot read is denied")), Vec::new()),
+    };
+    let mut shown = Vec::new();
+    let mut answer = None;
+    for s in &statements {
+        let classes: Vec<&str> = s.all_classes().into_iter().collect();
+        let tables: Vec<&str> = s.tables.iter().map(String::as_str).collect();
+        let functions: Vec<(&str, Option<&str>)> = s.functions.iter().map(|f| (f.name.as_str(), f.class)).collect();
+        let d = if s.foreign {
+            rule_denial(format!("{} is not a PostgreSQL statement portcullis accepts", s.kind))
+        } else {
+            let req = policy::SqlRequest { classes: s.classes.iter().copied().collect(), tables, functions };
+            policy::decide_sql(policy, role, target, &req)
+        };
+        eprintln!(
+            "  {}: classes {}; tables {}; functions {} → {} ({})",
+            s.kind,
+            classes.join(", "),
+            if s.tables.is_empty() { "-".into() } else { s.tables.iter().cloned().collect::<Vec<_>>().join(", ") },
+            if s.functions.is_empty() {
+                "-".into()
+            } else {
+                s.functions.iter().map(|f| f.name.clone()).collect::<Vec<_>>().join(", ")
+            },
+            d.verdict,
+            d.reason
+        );
+        shown.push(format!("{} ({})", s.kind, classes.join(", ")));
+        let refused = !d.is_allow();
+        if answer.as_ref().is_none_or(|a: &policy::Decision| a.is_allow()) {
+            answer = Some(d);
+        }
+        if refused {
+            break;
+        }
+    }
+    (answer.expect("at least one statement"), shown)
+}
+
+/// `policy explain --method M --path P` on an http target.
+fn http_explain(
+    policy: &policy::Policy,
+    role: Option<&str>,
+    target: &policy::Target,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<policy::Decision> {
+    let path = crate::protocols::http::request::normalise_path(path).map_err(|e| anyhow::anyhow!("--path: {e}"))?;
+    let req = policy::HttpRequest { method, path: &path, content_length: None, websocket: false };
+    Ok(policy::decide_http(policy, role, target, &req).decision)
 }
 
 /// `policy explain --repo R [--ref KIND:REF ...]` on a git target.

@@ -943,3 +943,57 @@ fn json_outputs_hold_the_documented_fields() {
         assert!(["ok", "warn", "fail"].contains(&c["status"].as_str().unwrap()), "{c}");
     }
 }
+
+/// `policy explain --sql` classifies and decides SQL as the enforcer does;
+/// `--method/--path` decides an HTTP request.
+#[test]
+fn explain_decides_sql_text_and_http_requests() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let explain = |file: &str, args: &[&str]| {
+        let (code, out, err) =
+            run(Command::new(portcullis_bin()).args(["policy", "explain", "--json"]).arg(root.join(file)).args(args));
+        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+        (code, v, err)
+    };
+    let sql = |text: &str| explain("analyst.toml", &["--target", "warehouse", "--scope", "analyst", "--sql", text]);
+
+    let (code, v, err) = sql("SELECT email FROM customers");
+    assert_eq!((code, &v["decision"]["verdict"]), (0, &Value::from("allow")), "{v}{err}");
+    assert!(err.contains("SELECT") && err.contains("public.customers"), "{err}");
+    // The worst statement decides, named with its reason.
+    let (code, v, err) = sql("SELECT 1; /* x */ DROP TABLE customers");
+    assert_eq!(code, 2, "{v}");
+    assert_eq!(v["decision"]["verdict"], "deny");
+    assert!(v["decision"]["reason"].as_str().unwrap().contains("ddl"), "{v}");
+    assert!(err.contains("DROP: classes ddl; tables public.customers"), "{err}");
+    let (code, v, _) = sql("select * from AUTH.\"users\"");
+    assert_eq!(code, 2);
+    assert!(v["decision"]["reason"].as_str().unwrap().contains("deny_tables"), "{v}");
+    let (code, v, _) = sql("SELECT pg_sleep(1)");
+    assert_eq!(code, 2);
+    assert!(v["decision"]["reason"].as_str().unwrap().contains("pg_sleep"), "{v}");
+    let (code, v, _) = sql("SELEKT nonsense");
+    assert_eq!(code, 2);
+    assert!(v["decision"]["reason"].as_str().unwrap().contains("cannot read"), "{v}");
+
+    let http = |method: &str, path: &str| {
+        explain(
+            "coding-agent.toml",
+            &["--target", "forge-api", "--unit", "coding-agent.service", "--method", method, "--path", path],
+        )
+    };
+    let (code, v, _) = http("POST", "/repos/acme/app/issues");
+    assert_eq!((code, &v["decision"]["verdict"]), (0, &Value::from("allow")), "{v}");
+    let (_, v, _) = http("POST", "/repos/acme/app/releases");
+    assert_eq!(v["decision"]["verdict"], "approve", "{v}");
+    let (code, v, _) = http("DELETE", "/repos/acme/app");
+    assert_eq!((code, &v["decision"]["verdict"]), (2, &Value::from("deny")), "{v}");
+
+    // Each option only for its protocol.
+    let (code, _, err) = run(Command::new(portcullis_bin())
+        .args(["policy", "explain"])
+        .arg(root.join("analyst.toml"))
+        .args(["--target", "warehouse", "--method", "GET", "--path", "/"]));
+    assert_ne!(code, 0);
+    assert!(err.contains("http targets"), "{err}");
+}
