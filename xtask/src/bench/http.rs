@@ -21,7 +21,7 @@
 use std::{
     collections::HashMap,
     fs,
-    net::TcpListener,
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -30,6 +30,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 
+use super::support::{cgroup2_mount, free_port, require_root, wait_port, Portcullis};
 use crate::root;
 
 const CONNS: &str = "16";
@@ -60,10 +61,7 @@ const VIAS: [Via; 3] = [Via::Direct, Via::Portcullis, Via::Nginx];
 type Case = (bool, &'static str, Via);
 
 pub fn run() -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the http benchmark needs root (cgroups, eBPF)");
-    }
+    require_root("the http benchmark")?;
     for tool in ["wrk", "nginx", "openssl"] {
         ensure!(have(tool), "`{tool}` is missing (cargo xtask setup --bench installs it)");
     }
@@ -79,10 +77,6 @@ fn have(cmd: &str) -> bool {
     Command::new("sh").arg("-c").arg(format!("command -v {cmd} >/dev/null 2>&1")).status().is_ok_and(|s| s.success())
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 struct Ports {
     origin: u16,
     origin_tls: u16,
@@ -96,9 +90,7 @@ struct Ports {
 
 struct Bench {
     work: PathBuf,
-    portcullis: PathBuf,
-    control: PathBuf,
-    pin_dir: PathBuf,
+    pc: Portcullis,
     cgroup_base: String,
     children: Vec<(&'static str, Child)>,
 }
@@ -112,10 +104,13 @@ impl Bench {
         let portcullis = target.join("release/portcullis");
         ensure!(portcullis.exists(), "{} is missing", portcullis.display());
         Ok(Bench {
-            control: work.join("control.sock"),
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{tag}")),
+            pc: Portcullis {
+                bin: portcullis,
+                control: work.join("control.sock"),
+                pin_dir: PathBuf::from(format!("/sys/fs/bpf/{tag}")),
+                state_dir: work.join("state"),
+            },
             cgroup_base: tag,
-            portcullis,
             work,
             children: Vec::new(),
         })
@@ -139,7 +134,8 @@ impl Bench {
         for (port, tls) in
             [(ports.origin, false), (ports.origin_tls, true), (ports.nginx, false), (ports.nginx_tls, true)]
         {
-            wait_port(port).with_context(|| format!("port {port} (tls: {tls}) did not open"))?;
+            wait_port(SocketAddr::from(([127, 0, 0, 1], port)), "nginx")
+                .with_context(|| format!("port {port} (tls: {tls}) did not open"))?;
         }
 
         let mut results: HashMap<Case, Vec<(f64, f64)>> = HashMap::new();
@@ -370,45 +366,18 @@ role = "bench"
     fn start_agent(&mut self, p: &Ports) -> Result<()> {
         let policy = self.work.join("policy.toml");
         fs::write(&policy, self.policy(p))?;
-        let log = fs::File::create(self.work.join("portcullis.log"))?;
-        let child = Command::new(&self.portcullis)
-            .arg("--control-socket")
-            .arg(&self.control)
-            .arg("run")
-            .arg("--policy")
-            .arg(&policy)
-            .arg("--listen-port")
-            .arg(p.agent.to_string())
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .arg("--state-dir")
-            .arg(self.work.join("state"))
+        let log = self.work.join("portcullis.log");
+        let child = self
+            .pc
+            .run(&policy, p.agent)
             .env("PORTCULLIS_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(fs::File::create(&log)?)
             .spawn()
             .context("starting portcullis")?;
         self.children.push(("portcullis", child));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ok = Command::new(&self.portcullis)
-                .arg("--control-socket")
-                .arg(&self.control)
-                .arg("status")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if ok {
-                return Ok(());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "portcullis did not start; see {}",
-                self.work.join("portcullis.log").display()
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
+        let agent = &mut self.children.last_mut().expect("just pushed").1;
+        self.pc.wait_ready(agent, Some(&log))
     }
 
     /// One wrk run; returns (requests/s, p99 in ms).
@@ -422,9 +391,8 @@ role = "bench"
         let wrk_args = ["-t", THREADS, "-c", CONNS, "-d", &format!("{secs}s"), "--latency", &url];
         let mut cmd = match via {
             Via::Portcullis => {
-                let mut c = Command::new(&self.portcullis);
-                c.arg("--control-socket").arg(&self.control).args(["exec", "--scope", "bench", "--", "wrk"]);
-                c.args(wrk_args);
+                let mut c = self.pc.exec("bench");
+                c.arg("wrk").args(wrk_args);
                 c
             }
             _ => {
@@ -483,26 +451,6 @@ fn median_pair(v: &[(f64, f64)]) -> (f64, f64) {
     (med(v.iter().map(|x| x.0).collect()), med(v.iter().map(|x| x.1).collect()))
 }
 
-fn wait_port(port: u16) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        ensure!(Instant::now() < deadline, "timed out");
-        thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
-fn cgroup2_mount() -> Option<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|line| {
-        let (pre, post) = line.split_once(" - ")?;
-        if !post.starts_with("cgroup2 ") {
-            return None;
-        }
-        pre.split_whitespace().nth(4).map(PathBuf::from)
-    })
-}
-
 fn remove_tree(dir: &Path) {
     if let Ok(entries) = fs::read_dir(dir) {
         for e in entries.flatten() {
@@ -533,8 +481,8 @@ impl Drop for Bench {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = Command::new(&self.portcullis).arg("detach").arg("--pin-dir").arg(&self.pin_dir).output();
-        if let Some(m) = cgroup2_mount() {
+        let _ = self.pc.detach();
+        if let Ok(m) = cgroup2_mount() {
             remove_tree(&m.join(&self.cgroup_base));
         }
         let _ = fs::remove_dir_all(&self.work);

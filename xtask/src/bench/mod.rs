@@ -8,6 +8,7 @@ mod http;
 mod masking;
 mod postgres;
 pub mod soak;
+mod support;
 mod tcp;
 
 pub fn run(which: &str) -> Result<()> {

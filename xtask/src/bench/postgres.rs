@@ -10,136 +10,26 @@
 //! the same disk as the database.
 use std::{
     fs,
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    thread,
-    time::{Duration, Instant},
+    process::{Command, Stdio},
 };
 
 use anyhow::{bail, Context, Result};
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+use super::support::{free_port, in_pg_scratch_dir, require_root, start_postgres, wait_for, PgUser, Portcullis, Proc};
+
 const PASSWORD: &str = "bench-Pw-4c1e";
 const SECONDS: u32 = 10;
 const CLIENTS: [u32; 3] = [1, 8, 32];
 
-struct Ids {
-    uid: u32,
-    gid: u32,
-}
-
-fn postgres_ids() -> Result<Ids> {
-    let id = |flag: &str| -> Result<u32> {
-        let out = Command::new("id").args([flag, "postgres"]).output()?;
-        if !out.status.success() {
-            bail!("no `postgres` user (is postgresql-15 installed?)");
-        }
-        Ok(String::from_utf8(out.stdout)?.trim().parse()?)
-    };
-    Ok(Ids { uid: id("-u")?, gid: id("-g")? })
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// A child process killed (SIGINT, then waited for) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for(what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ready() {
-        if Instant::now() > deadline {
-            bail!("{what} did not come up");
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
-fn chown(path: &Path, ids: &Ids) -> Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    // SAFETY: a valid NUL-terminated path.
-    if unsafe { libc::chown(c.as_ptr(), ids.uid, ids.gid) } != 0 {
-        bail!("chown {}: {}", path.display(), std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 pub fn run() -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the postgres benchmark needs root (cgroups, eBPF)");
-    }
-    let ids = postgres_ids()?;
-    let dir = std::env::temp_dir().join(format!("portcullis-bench-pg-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir)?;
-    chown(&dir, &ids)?;
-    let result = bench(&dir, &ids);
-    let _ = fs::remove_dir_all(&dir);
-    result
+    require_root("the postgres benchmark")?;
+    in_pg_scratch_dir("portcullis-bench-pg", bench)
 }
 
-fn as_postgres(cmd: &mut Command, ids: &Ids, dir: &Path) {
-    cmd.uid(ids.uid).gid(ids.gid).env("HOME", dir).env("LC_ALL", "C.UTF-8");
-}
-
-fn bench(dir: &Path, ids: &Ids) -> Result<()> {
-    // PostgreSQL.
-    let data = dir.join("data");
-    let mut initdb = Command::new(format!("{PG_BIN}/initdb"));
-    initdb.arg("-D").arg(&data).args(["-U", "postgres", "-E", "UTF8", "--locale=C.UTF-8", "--auth-local=trust"]);
-    as_postgres(&mut initdb, ids, dir);
-    crate::run(initdb.stdout(Stdio::null()))?;
-    fs::write(data.join("pg_hba.conf"), "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")?;
-    let pg_port = free_port()?;
-    let mut pg = Command::new(format!("{PG_BIN}/postgres"));
-    pg.arg("-D")
-        .arg(&data)
-        .args(["-p", &pg_port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"])
-        .arg("-c")
-        .arg(format!("unix_socket_directories={}", dir.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    as_postgres(&mut pg, ids, dir);
-    let _pg = Proc(pg.spawn().context("starting postgres")?);
-    wait_for("postgres", || {
-        Command::new(format!("{PG_BIN}/pg_isready"))
-            .arg("-h")
-            .arg(dir)
-            .args(["-p", &pg_port.to_string(), "-q"])
-            .status()
-            .is_ok_and(|s| s.success())
-    })?;
-    let psql = |sql: &str| -> Result<()> {
-        crate::run(
-            Command::new("psql")
-                .arg("-h")
-                .arg(dir)
-                .args(["-p", &pg_port.to_string(), "-U", "postgres", "-d", "postgres", "-X", "-q", "-c", sql])
-                .stdout(Stdio::null()),
-        )
-    };
-    psql(&format!("CREATE ROLE bench LOGIN PASSWORD '{PASSWORD}'"))?;
-    psql("CREATE DATABASE bench OWNER bench")?;
-    crate::run(
-        Command::new("pgbench")
-            .arg("-h")
-            .arg(dir)
-            .args(["-p", &pg_port.to_string(), "-U", "bench", "-i", "-s", "10", "-q", "bench"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    )?;
+fn bench(dir: &Path, pg_user: PgUser) -> Result<()> {
+    let pg = start_postgres(dir, pg_user, 200, "bench", PASSWORD, 10)?;
+    let pg_port = pg.port;
 
     // pgbouncer: session pooling; clients are trusted as they are by
     // portcullis, the server is reached with the password.
@@ -156,10 +46,10 @@ fn bench(dir: &Path, ids: &Ids) -> Result<()> {
             pid = dir.join("pgbouncer.pid").display(),
         ),
     )?;
-    chown(&ini, ids)?;
+    pg_user.chown(&ini)?;
     let mut bouncer = Command::new("pgbouncer");
     bouncer.arg(&ini).stdout(Stdio::null()).stderr(Stdio::null());
-    as_postgres(&mut bouncer, ids, dir);
+    pg_user.apply(&mut bouncer, dir);
     let _bouncer = Proc(bouncer.spawn().context("starting pgbouncer")?);
     wait_for("pgbouncer", || std::net::TcpStream::connect(("127.0.0.1", bouncer_port)).is_ok())?;
 
@@ -180,36 +70,13 @@ fn bench(dir: &Path, ids: &Ids) -> Result<()> {
             pw = pw.display()
         ),
     )?;
-    let bin = crate::root().join("target/release/portcullis");
-    let control = dir.join("control.sock");
-    let pin = PathBuf::from(format!("/sys/fs/bpf/portcullis-bench-{}", std::process::id()));
-    let listen = free_port()?;
-    let agent = Proc(
-        Command::new(&bin)
-            .arg("--control-socket")
-            .arg(&control)
-            .arg("run")
-            .arg("--policy")
-            .arg(&policy)
-            .args(["--listen-port", &listen.to_string()])
-            .arg("--pin-dir")
-            .arg(&pin)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .env("PORTCULLIS_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting portcullis")?,
-    );
-    wait_for("portcullis", || {
-        Command::new(&bin)
-            .arg("--control-socket")
-            .arg(&control)
-            .arg("status")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })?;
+    let pc = Portcullis {
+        bin: crate::root().join("target/release/portcullis"),
+        control: dir.join("control.sock"),
+        pin_dir: PathBuf::from(format!("/sys/fs/bpf/portcullis-bench-{}", std::process::id())),
+        state_dir: dir.join("state"),
+    };
+    let agent = pc.start(&policy)?;
 
     let paths = [
         Path_ { name: "direct", host: "127.0.0.1", port: pg_port, guarded: false },
@@ -218,8 +85,8 @@ fn bench(dir: &Path, ids: &Ids) -> Result<()> {
     ];
     let pgbench = |p: &Path_, args: &[&str]| -> Result<String> {
         let mut cmd = if p.guarded {
-            let mut c = Command::new(&bin);
-            c.arg("--control-socket").arg(&control).args(["exec", "--scope", "bench", "--", "pgbench"]);
+            let mut c = pc.exec("bench");
+            c.arg("pgbench");
             c
         } else {
             Command::new("pgbench")
@@ -277,7 +144,7 @@ fn bench(dir: &Path, ids: &Ids) -> Result<()> {
         lat[1].1 as i64 - lat[0].1 as i64
     );
     drop(agent);
-    let _ = Command::new(&bin).arg("detach").arg("--pin-dir").arg(&pin).output();
+    let _ = pc.detach();
     let _ = fs::remove_dir(Path::new("/sys/fs/cgroup").join(&cg));
     Ok(())
 }

@@ -19,7 +19,6 @@ use std::{
     fs,
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -32,7 +31,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+use super::support::{in_pg_scratch_dir, require_root, start_postgres, PgUser, Portcullis};
+
 const PASSWORD: &str = "soak-Pw-81d3";
 /// Seconds between samples.
 const SAMPLE_EVERY: u64 = 5;
@@ -43,52 +43,6 @@ const RATE: u32 = 40;
 /// `SLACK_KIB` before the run counts as growing without bound.
 const GROWTH_FACTOR: f64 = 1.25;
 const SLACK_KIB: u64 = 16 * 1024;
-
-/// A child process stopped (SIGINT, then waited for) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn wait_for(what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ready() {
-        if Instant::now() > deadline {
-            bail!("{what} did not come up");
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
-fn postgres_ids() -> Result<(u32, u32)> {
-    let id = |flag: &str| -> Result<u32> {
-        let out = Command::new("id").args([flag, "postgres"]).output()?;
-        if !out.status.success() {
-            bail!("no `postgres` user (is postgresql-15 installed?)");
-        }
-        Ok(String::from_utf8(out.stdout)?.trim().parse()?)
-    };
-    Ok((id("-u")?, id("-g")?))
-}
-
-fn chown(path: &Path, (uid, gid): (u32, u32)) -> Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    // SAFETY: a valid NUL-terminated path.
-    if unsafe { libc::chown(c.as_ptr(), uid, gid) } != 0 {
-        bail!("chown {}: {}", path.display(), std::io::Error::last_os_error());
-    }
-    Ok(())
-}
 
 /// One sample of the agent: seconds since start, RSS and open descriptors.
 #[derive(Debug, Clone, Copy)]
@@ -243,72 +197,16 @@ fn serve_http(s: TcpStream) {
 }
 
 pub fn run(minutes: u64) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the soak needs root (cgroups, eBPF)");
-    }
+    require_root("the soak")?;
     if minutes == 0 {
         bail!("--minutes must be at least 1");
     }
-    let ids = postgres_ids()?;
-    let dir = std::env::temp_dir().join(format!("portcullis-soak-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir)?;
-    chown(&dir, ids)?;
-    let result = soak(&dir, ids, minutes);
-    let _ = fs::remove_dir_all(&dir);
-    result
+    in_pg_scratch_dir("portcullis-soak", |dir, pg_user| soak(dir, pg_user, minutes))
 }
 
-fn soak(dir: &Path, ids: (u32, u32), minutes: u64) -> Result<()> {
-    let as_pg = |cmd: &mut Command| {
-        cmd.uid(ids.0).gid(ids.1).env("HOME", dir).env("LC_ALL", "C.UTF-8");
-    };
-    // PostgreSQL.
-    let data = dir.join("data");
-    let mut initdb = Command::new(format!("{PG_BIN}/initdb"));
-    initdb.arg("-D").arg(&data).args(["-U", "postgres", "-E", "UTF8", "--locale=C.UTF-8", "--auth-local=trust"]);
-    as_pg(&mut initdb);
-    crate::run(initdb.stdout(Stdio::null()))?;
-    fs::write(data.join("pg_hba.conf"), "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")?;
-    let pg_port = free_port()?;
-    let mut pg = Command::new(format!("{PG_BIN}/postgres"));
-    pg.arg("-D")
-        .arg(&data)
-        .args(["-p", &pg_port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=100"])
-        .arg("-c")
-        .arg(format!("unix_socket_directories={}", dir.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    as_pg(&mut pg);
-    let _pg = Proc(pg.spawn().context("starting postgres")?);
-    wait_for("postgres", || {
-        Command::new(format!("{PG_BIN}/pg_isready"))
-            .arg("-h")
-            .arg(dir)
-            .args(["-p", &pg_port.to_string(), "-q"])
-            .status()
-            .is_ok_and(|s| s.success())
-    })?;
-    let psql = |sql: &str| -> Result<()> {
-        crate::run(
-            Command::new("psql")
-                .arg("-h")
-                .arg(dir)
-                .args(["-p", &pg_port.to_string(), "-U", "postgres", "-d", "postgres", "-X", "-q", "-c", sql])
-                .stdout(Stdio::null()),
-        )
-    };
-    psql(&format!("CREATE ROLE soak LOGIN PASSWORD '{PASSWORD}'"))?;
-    psql("CREATE DATABASE soak OWNER soak")?;
-    crate::run(
-        Command::new("pgbench")
-            .arg("-h")
-            .arg(dir)
-            .args(["-p", &pg_port.to_string(), "-U", "soak", "-i", "-s", "2", "-q", "soak"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    )?;
+fn soak(dir: &Path, pg_user: PgUser, minutes: u64) -> Result<()> {
+    let pg = start_postgres(dir, pg_user, 100, "soak", PASSWORD, 2)?;
+    let pg_port = pg.port;
 
     let echo = line_echo()?;
     let web = http_upstream()?;
@@ -336,45 +234,22 @@ fn soak(dir: &Path, ids: (u32, u32), minutes: u64) -> Result<()> {
             pw = pw.display()
         ),
     )?;
-    // PORTCULLIS_BIN: soak another build (the release one by default).
-    let bin = std::env::var_os("PORTCULLIS_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::root().join("target/release/portcullis"));
-    let control = dir.join("control.sock");
-    let pin = PathBuf::from(format!("/sys/fs/bpf/portcullis-soak-{}", std::process::id()));
-    let listen = free_port()?;
-    let agent = Proc(
-        Command::new(&bin)
-            .arg("--control-socket")
-            .arg(&control)
-            .arg("run")
-            .arg("--policy")
-            .arg(&policy)
-            .args(["--listen-port", &listen.to_string()])
-            .arg("--pin-dir")
-            .arg(&pin)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .env("PORTCULLIS_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting portcullis")?,
-    );
-    wait_for("portcullis", || {
-        Command::new(&bin)
-            .arg("--control-socket")
-            .arg(&control)
-            .arg("status")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })?;
+    let pc = Portcullis {
+        // PORTCULLIS_BIN: soak another build (the release one by default).
+        bin: std::env::var_os("PORTCULLIS_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| crate::root().join("target/release/portcullis")),
+        control: dir.join("control.sock"),
+        pin_dir: PathBuf::from(format!("/sys/fs/bpf/portcullis-soak-{}", std::process::id())),
+        state_dir: dir.join("state"),
+    };
+    let agent = pc.start(&policy)?;
     let pid = agent.0.id();
 
     let secs = minutes * 60;
     let guarded = |argv: &[&str]| -> Command {
-        let mut c = Command::new(&bin);
-        c.arg("--control-socket").arg(&control).args(["exec", "--scope", "soak", "--"]).args(argv);
+        let mut c = pc.exec("soak");
+        c.args(argv);
         c
     };
     let (t, r) = (secs.to_string(), RATE.to_string());
@@ -431,7 +306,7 @@ fn soak(dir: &Path, ids: (u32, u32), minutes: u64) -> Result<()> {
     thread::sleep(Duration::from_secs(3));
     let idle = sample(pid, t0).context("the agent is gone")?;
     drop(agent);
-    let _ = Command::new(&bin).arg("detach").arg("--pin-dir").arg(&pin).output();
+    let _ = pc.detach();
     let _ = fs::remove_dir(Path::new("/sys/fs/cgroup").join(&cg));
 
     let mut problems = Vec::new();

@@ -23,8 +23,8 @@ use std::{
     collections::HashMap,
     fs,
     io::{BufRead, BufReader},
-    net::{SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    net::SocketAddr,
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
     thread,
@@ -33,6 +33,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 
+use super::support::{cgroup2_mount, free_port, require_root, wait_port, Portcullis};
 use crate::{cargo, root};
 
 /// Bytes per bulk transfer.
@@ -66,10 +67,7 @@ enum Path3 {
 const PATHS: [Path3; 3] = [Path3::Direct, Path3::Portcullis, Path3::Haproxy];
 
 pub fn run() -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the tcp benchmark needs root (cgroups, eBPF)");
-    }
+    require_root("the tcp benchmark")?;
     cargo(&["build", "--release", "-p", "xtask", "--bin", "tcp-bench"])?;
     let reps = std::env::var("BENCH_REPS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(REPS);
     let sched = raise_priority();
@@ -117,9 +115,7 @@ fn loadavg() -> String {
 struct Bench {
     work: PathBuf,
     bin: PathBuf,
-    portcullis: PathBuf,
-    control: PathBuf,
-    pin_dir: PathBuf,
+    pc: Portcullis,
     cgroup_base: String,
     cgroup_mount: PathBuf,
     children: Vec<(&'static str, Child)>,
@@ -136,12 +132,15 @@ impl Bench {
         let work = target.join(&tag);
         fs::create_dir_all(&work)?;
         let bench = Bench {
-            control: work.join("control.sock"),
             bin: target.join("release/tcp-bench"),
-            // Another build can be measured in its place (to compare).
-            portcullis: std::env::var_os("PORTCULLIS_BIN")
-                .map_or_else(|| target.join("release/portcullis"), PathBuf::from),
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{tag}")),
+            pc: Portcullis {
+                // Another build can be measured in its place (to compare).
+                bin: std::env::var_os("PORTCULLIS_BIN")
+                    .map_or_else(|| target.join("release/portcullis"), PathBuf::from),
+                control: work.join("control.sock"),
+                pin_dir: PathBuf::from(format!("/sys/fs/bpf/{tag}")),
+                state_dir: work.join("state"),
+            },
             cgroup_base: tag,
             cgroup_mount: cgroup2_mount()?,
             work,
@@ -151,7 +150,7 @@ impl Bench {
             sched: String::new(),
             load_before: loadavg(),
         };
-        for b in [&bench.bin, &bench.portcullis] {
+        for b in [&bench.bin, &bench.pc.bin] {
             ensure!(b.exists(), "{} is missing", b.display());
         }
         Ok(bench)
@@ -275,8 +274,8 @@ impl Bench {
             bail!("interrupted");
         }
         let mut cmd = if guarded {
-            let mut c = Command::new(&self.portcullis);
-            c.arg("--control-socket").arg(&self.control).args(["exec", "--scope", "bench", "--"]).arg(&self.bin);
+            let mut c = self.pc.exec("bench");
+            c.arg(&self.bin);
             c
         } else {
             Command::new(&self.bin)
@@ -331,45 +330,18 @@ impl Bench {
     fn start_agent(&mut self, upstream: SocketAddr, target: SocketAddr) -> Result<()> {
         let policy = self.work.join("policy.toml");
         fs::write(&policy, policy_toml(&self.cgroup_base, target, upstream))?;
-        let port = free_port()?;
-        let child = Command::new(&self.portcullis)
-            .arg("--control-socket")
-            .arg(&self.control)
-            .arg("run")
-            .arg("--policy")
-            .arg(&policy)
-            .arg("--listen-port")
-            .arg(port.to_string())
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .arg("--state-dir")
-            .arg(self.work.join("state"))
+        let log = self.work.join("portcullis.log");
+        let child = self
+            .pc
+            .run(&policy, free_port()?)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::from(fs::File::create(self.work.join("portcullis.log"))?))
+            .stderr(Stdio::from(fs::File::create(&log)?))
             .spawn()
             .context("starting portcullis")?;
-        self.agent = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ok = Command::new(&self.portcullis)
-                .arg("--control-socket")
-                .arg(&self.control)
-                .arg("status")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if ok {
-                return Ok(());
-            }
-            if let Some(st) = self.agent.as_mut().expect("just set").try_wait()? {
-                bail!("portcullis exited ({st}); see {}", self.work.join("portcullis.log").display());
-            }
-            ensure!(Instant::now() < deadline, "portcullis did not become ready");
-            thread::sleep(Duration::from_millis(100));
-        }
+        let agent = self.agent.insert(child);
+        self.pc.wait_ready(agent, Some(&log))
     }
 
     /// SIGTERM, wait, then detach the pinned probes.
@@ -387,8 +359,8 @@ impl Bench {
                 thread::sleep(Duration::from_millis(50));
             }
         }
-        if self.pin_dir.exists() {
-            let out = Command::new(&self.portcullis).arg("detach").arg("--pin-dir").arg(&self.pin_dir).output()?;
+        if self.pc.pin_dir.exists() {
+            let out = self.pc.detach()?;
             ensure!(out.status.success(), "portcullis detach failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(())
@@ -504,31 +476,4 @@ fn median(v: &[f64]) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn wait_port(addr: SocketAddr, what: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        ensure!(Instant::now() < deadline, "{what} does not listen on {addr}");
-        thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
-fn cgroup2_mount() -> Result<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo")?;
-    for line in info.lines() {
-        if let Some((pre, post)) = line.split_once(" - ") {
-            if post.starts_with("cgroup2 ") {
-                if let Some(p) = pre.split_whitespace().nth(4) {
-                    return Ok(Path::new(p).to_path_buf());
-                }
-            }
-        }
-    }
-    bail!("no cgroup2 mount")
 }
