@@ -372,6 +372,23 @@ fn entries<T: for<'de> Deserialize<'de>>(errs: &mut Errors<'_>, key: &str, value
     out
 }
 
+/// Parses each string of a policy list with `parse`: what parses is kept
+/// in order, what does not is reported at its own entry.
+fn parse_each<T>(
+    errs: &mut Errors<'_>,
+    list: &[Spanned<String>],
+    mut parse: impl FnMut(&str) -> Result<T, String>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for entry in list {
+        match parse(entry.get_ref()) {
+            Ok(v) => out.push(v),
+            Err(e) => errs.at_span(entry, e),
+        }
+    }
+    out
+}
+
 fn unique(errs: &mut Errors<'_>, names: &mut HashSet<String>, kind: &str, name: &Spanned<String>) -> bool {
     let n = name.get_ref();
     if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
@@ -426,15 +443,12 @@ fn scope(errs: &mut Errors<'_>, names: &mut HashSet<String>, s: RawScope) -> Opt
             return None;
         }
     };
+    let exceptions =
+        parse_each(errs, &s.allow.unwrap_or_default(), |a| parse_exception(a).map_err(|e| format!("bad address: {e}")));
     let mut allow = Vec::new();
-    for a in s.allow.unwrap_or_default() {
-        match parse_exception(a.get_ref()) {
-            Ok((patterns, transports)) => {
-                for addr in patterns {
-                    allow.push(EgressException { addr, transports: transports.clone() });
-                }
-            }
-            Err(e) => errs.at_span(&a, format!("bad address: {e}")),
+    for (patterns, transports) in exceptions {
+        for addr in patterns {
+            allow.push(EgressException { addr, transports: transports.clone() });
         }
     }
     let name = s.name.into_inner();
@@ -471,16 +485,14 @@ fn target(errs: &mut Errors<'_>, names: &mut HashSet<String>, t: RawTarget) -> O
             format!("unknown protocol `{}` (expected postgres, http, git or tcp)", t.protocol.get_ref()),
         );
     }
-    let mut matches = Vec::new();
     if t.matches.get_ref().is_empty() {
         errs.at_span(&t.matches, "`match` needs at least one address");
     }
-    for m in t.matches.into_inner() {
-        match parse_patterns(m.get_ref()) {
-            Ok(p) => matches.extend(p),
-            Err(e) => errs.at_span(&m, format!("bad address: {e}")),
-        }
-    }
+    let matches: Vec<_> =
+        parse_each(errs, t.matches.get_ref(), |m| parse_patterns(m).map_err(|e| format!("bad address: {e}")))
+            .into_iter()
+            .flatten()
+            .collect();
     let upstream = match t.upstream {
         None => Upstream::Original,
         Some(u) => match parse_upstream(u.get_ref()) {
@@ -590,31 +602,21 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
         for ((list, http_list), raw_list) in
             lists.iter_mut().zip(http_lists.iter_mut()).zip([&raw.allow, &raw.approve, &raw.deny])
         {
-            for c in raw_list {
-                let name = c.get_ref();
-                if is_http {
-                    match http_pattern(name) {
-                        Ok(p) => {
-                            list.push(p.text.clone());
-                            http_list.push(p);
-                        }
-                        Err(e) => errs.at_span(c, e),
-                    }
-                    continue;
-                }
-                if name != "*" && !classes.contains(&name.as_str()) {
-                    errs.at_span(
-                        c,
-                        format!(
-                            "`{name}` is not a request class of protocol {} (expected one of: {}, or `*`)",
-                            target.protocol,
-                            classes.join(", ")
-                        ),
-                    );
-                } else {
-                    list.push(name.clone());
-                }
+            if is_http {
+                *http_list = parse_each(errs, raw_list, http_pattern);
+                *list = http_list.iter().map(|p| p.text.clone()).collect();
+                continue;
             }
+            *list = parse_each(errs, raw_list, |name| {
+                if name != "*" && !classes.contains(&name) {
+                    return Err(format!(
+                        "`{name}` is not a request class of protocol {} (expected one of: {}, or `*`)",
+                        target.protocol,
+                        classes.join(", ")
+                    ));
+                }
+                Ok(name.to_string())
+            });
         }
         // A class may appear in one list only: order of precedence should not
         // be something a reader has to know.
@@ -699,14 +701,9 @@ fn role(errs: &mut Errors<'_>, names: &mut HashSet<String>, policy: &Policy, r: 
                 );
                 return Vec::new();
             }
-            let mut out = Vec::new();
-            for p in list.into_inner() {
-                match NamePattern::parse(p.get_ref()) {
-                    Ok(n) => out.push(n),
-                    Err(e) => errs.at_span(&p, format!("bad name pattern `{}` in `{key}`: {e}", p.get_ref())),
-                }
-            }
-            out
+            parse_each(errs, list.get_ref(), |p| {
+                NamePattern::parse(p).map_err(|e| format!("bad name pattern `{p}` in `{key}`: {e}"))
+            })
         };
         let allow_tables = names("allow_tables", raw.allow_tables);
         let deny_tables = names("deny_tables", raw.deny_tables);
@@ -751,19 +748,12 @@ fn repo_rules(errs: &mut Errors<'_>, raw: Vec<Spanned<RawRepo>>) -> Vec<RepoRule
             GitGlob::new(path_text).map_err(|e| errs.at_span(&r.path, e)).ok()
         };
         let mut globs = |list: &[Spanned<String>]| -> Vec<GitGlob> {
-            let mut v = Vec::new();
-            for g in list {
-                let t = g.get_ref();
+            parse_each(errs, list, |t| {
                 if !t.starts_with("refs/") {
-                    errs.at_span(g, format!("ref pattern `{t}` must start with `refs/` (like `refs/heads/feature/*`)"));
-                    continue;
+                    return Err(format!("ref pattern `{t}` must start with `refs/` (like `refs/heads/feature/*`)"));
                 }
-                match GitGlob::new(t) {
-                    Ok(x) => v.push(x),
-                    Err(e) => errs.at_span(g, e),
-                }
-            }
-            v
+                GitGlob::new(t)
+            })
         };
         let create = globs(&r.create);
         let update = globs(&r.update);
