@@ -214,8 +214,7 @@ pub struct HttpServer {
     /// The test CA's certificate (PEM file), for TLS servers.
     pub ca_file: Option<std::path::PathBuf>,
     state: Arc<HttpState>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<thread::JoinHandle<()>>,
+    _server: ServerThread,
     _dir: tempfile::TempDir,
 }
 
@@ -233,51 +232,14 @@ impl HttpServer {
 
     fn start(bind: &str, names: Option<&[&str]>) -> HttpServer {
         let dir = tempfile::tempdir().unwrap();
-        let (acceptor, ca_file) = match names {
-            None => (None, None),
-            Some(names) => {
-                let (cfg, ca_pem) = test_tls_config(names);
-                let ca_file = dir.path().join("test-ca.pem");
-                std::fs::write(&ca_file, ca_pem).unwrap();
-                (Some(tokio_rustls::TlsAcceptor::from(cfg)), Some(ca_file))
-            }
-        };
+        let (acceptor, ca_file) = test_tls(dir.path(), names);
         let listener = TcpListener::bind(bind).unwrap_or_else(|e| panic!("bind {bind}: {e}"));
-        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(HttpState::default());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
-        let thread = thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let mut rx = rx;
-                loop {
-                    tokio::select! {
-                        _ = &mut rx => break,
-                        acc = listener.accept() => {
-                            let Ok((stream, _)) = acc else { continue };
-                            let _ = stream.set_nodelay(true);
-                            let st = st.clone();
-                            let acceptor = acceptor.clone();
-                            tokio::spawn(async move {
-                                match acceptor {
-                                    None => serve_http(stream, st).await,
-                                    Some(a) => {
-                                        if let Ok(tls) = a.accept(stream).await {
-                                            serve_http(tls, st).await;
-                                        }
-                                    }
-                                }
-                            });
-                        }
-                    }
-                }
-            });
-            rt.shutdown_background();
-        });
-        HttpServer { addr, ca_file, state, shutdown: Some(tx), thread: Some(thread), _dir: dir }
+        // Bodies stream in small writes whose timing tests watch: no Nagle.
+        let server = ServerThread::accept_loop(listener, acceptor, true, move |conn, _| serve_http(conn, st.clone()));
+        HttpServer { addr, ca_file, state, _server: server, _dir: dir }
     }
 
     /// Every request seen so far, in arrival order.
@@ -291,7 +253,73 @@ impl HttpServer {
     }
 }
 
-impl Drop for HttpServer {
+/// A connection as a test server gets it: plain TCP, or TLS over it.
+trait Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Conn for T {}
+
+/// The accept loop of [`HttpServer`] and [`GitServer`], on a two-worker
+/// tokio runtime of its own thread. Dropping it stops the loop and waits
+/// for the thread.
+struct ServerThread {
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl ServerThread {
+    /// Accepts on `listener`, completes the TLS handshake first when
+    /// `acceptor` is set (a failed one drops the connection), and hands
+    /// each connection and its peer address to `serve` on a task of its
+    /// own. `nodelay` turns Nagle's algorithm off on accepted sockets.
+    fn accept_loop<F, Fut>(
+        listener: TcpListener,
+        acceptor: Option<tokio_rustls::TlsAcceptor>,
+        nodelay: bool,
+        serve: F,
+    ) -> ServerThread
+    where
+        F: Fn(Box<dyn Conn>, SocketAddr) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        listener.set_nonblocking(true).unwrap();
+        let serve = Arc::new(serve);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let mut rx = rx;
+                loop {
+                    tokio::select! {
+                        _ = &mut rx => break,
+                        acc = listener.accept() => {
+                            let Ok((stream, peer)) = acc else { continue };
+                            if nodelay {
+                                let _ = stream.set_nodelay(true);
+                            }
+                            let serve = serve.clone();
+                            let acceptor = acceptor.clone();
+                            tokio::spawn(async move {
+                                match acceptor {
+                                    None => serve(Box::new(stream), peer).await,
+                                    Some(a) => {
+                                        if let Ok(tls) = a.accept(stream).await {
+                                            serve(Box::new(tls), peer).await;
+                                        }
+                                    }
+                                }
+                            });
+                        }
+                    }
+                }
+            });
+            rt.shutdown_background();
+        });
+        ServerThread { shutdown: Some(tx), thread: Some(thread) }
+    }
+}
+
+impl Drop for ServerThread {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -300,6 +328,20 @@ impl Drop for HttpServer {
             let _ = t.join();
         }
     }
+}
+
+/// For a TLS test server: a certificate for `names` from a fresh test CA,
+/// whose own certificate is written to `dir/test-ca.pem`. Plain servers
+/// (`names` None) get neither.
+fn test_tls(
+    dir: &std::path::Path,
+    names: Option<&[&str]>,
+) -> (Option<tokio_rustls::TlsAcceptor>, Option<std::path::PathBuf>) {
+    let Some(names) = names else { return (None, None) };
+    let (cfg, ca_pem) = test_tls_config(names);
+    let ca_file = dir.join("test-ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    (Some(tokio_rustls::TlsAcceptor::from(cfg)), Some(ca_file))
 }
 
 /// A server configuration with a leaf for `names` signed by a fresh CA;
@@ -667,8 +709,7 @@ pub struct GitServer {
     pub ca_file: Option<std::path::PathBuf>,
     pub root: std::path::PathBuf,
     state: Arc<GitState>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<thread::JoinHandle<()>>,
+    _server: ServerThread,
     _dir: tempfile::TempDir,
 }
 
@@ -685,52 +726,17 @@ impl GitServer {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("repos");
         std::fs::create_dir_all(&root).unwrap();
-        let (acceptor, ca_file) = match names {
-            None => (None, None),
-            Some(names) => {
-                let (cfg, ca_pem) = test_tls_config(names);
-                let ca_file = dir.path().join("test-ca.pem");
-                std::fs::write(&ca_file, ca_pem).unwrap();
-                (Some(tokio_rustls::TlsAcceptor::from(cfg)), Some(ca_file))
-            }
-        };
+        let (acceptor, ca_file) = test_tls(dir.path(), names);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(GitState::default());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
         let auth = auth.map(str::to_string);
         let project_root = root.clone();
-        let thread = thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let mut rx = rx;
-                loop {
-                    tokio::select! {
-                        _ = &mut rx => break,
-                        acc = listener.accept() => {
-                            let Ok((stream, peer)) = acc else { continue };
-                            let ctx = Arc::new((st.clone(), auth.clone(), project_root.clone(), peer));
-                            let acceptor = acceptor.clone();
-                            tokio::spawn(async move {
-                                match acceptor {
-                                    None => serve_git(stream, ctx).await,
-                                    Some(a) => {
-                                        if let Ok(tls) = a.accept(stream).await {
-                                            serve_git(tls, ctx).await;
-                                        }
-                                    }
-                                }
-                            });
-                        }
-                    }
-                }
-            });
-            rt.shutdown_background();
+        let server = ServerThread::accept_loop(listener, acceptor, false, move |conn, peer| {
+            serve_git(conn, Arc::new((st.clone(), auth.clone(), project_root.clone(), peer)))
         });
-        GitServer { addr, ca_file, root, state, shutdown: Some(tx), thread: Some(thread), _dir: dir }
+        GitServer { addr, ca_file, root, state, _server: server, _dir: dir }
     }
 
     /// Creates a bare repository `name` (like `org/app.git`) whose `main`
@@ -769,17 +775,6 @@ impl GitServer {
 
     pub fn requests(&self) -> Vec<GitSeen> {
         self.state.seen.lock().unwrap().clone()
-    }
-}
-
-impl Drop for GitServer {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
