@@ -4,13 +4,14 @@
 //!
 //! Every test runs as root for real. Outside CI a non-root run skips them
 //! with a message; with `CI` set a missing privilege or tool is an error.
+pub mod fixtures;
 pub mod servers;
 
 use std::{
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, Output, Stdio},
     sync::{
         atomic::{AtomicU32, Ordering},
         Arc, Mutex,
@@ -253,34 +254,36 @@ impl Agent {
     }
 
     /// psql inside `scope` as user `whoever` of database `appdb` at
-    /// `host`:5432, reading `script` on stdin (verbose errors, unaligned
-    /// output), started with `env` and left running with piped output.
+    /// `host`:5432 (no psqlrc, unaligned tuples only, 10 s to connect),
+    /// with `extra` arguments.
+    pub fn psql(&self, scope: &str, host: &str, extra: &[&str]) -> Command {
+        let mut argv = vec!["psql", "-h", host, "-p", "5432", "-U", "whoever", "-d", "appdb", "-X", "-At"];
+        argv.extend_from_slice(extra);
+        let mut cmd = self.exec(scope, &argv);
+        cmd.env("PGCONNECT_TIMEOUT", "10");
+        cmd
+    }
+
+    /// That psql reading `script` on stdin (verbose errors), started with
+    /// `env` and left running with piped output.
     pub fn spawn_psql(&self, scope: &str, host: &str, script: &str, env: &[(&str, &str)]) -> Child {
-        let mut cmd = self.exec(
-            scope,
-            &[
-                "psql",
-                "-h",
-                host,
-                "-p",
-                "5432",
-                "-U",
-                "whoever",
-                "-d",
-                "appdb",
-                "-X",
-                "-At",
-                "-v",
-                "VERBOSITY=verbose",
-                "-f",
-                "-",
-            ],
-        );
-        cmd.env("PGCONNECT_TIMEOUT", "10").envs(env.iter().copied());
+        let mut cmd = self.psql(scope, host, &["-v", "VERBOSITY=verbose", "-f", "-"]);
+        cmd.envs(env.iter().copied());
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("run psql");
         child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
         child
+    }
+
+    /// The extended-protocol test client (`pg-client <mode>`) inside
+    /// `scope` as user `whoever` of database `appdb` at 127.0.0.53:5432
+    /// with `password`, left running with piped stdin, stdout and stderr.
+    pub fn spawn_pg_client(&self, scope: &str, mode: &str, password: &str) -> Child {
+        let bin = helper_bin("pg-client");
+        let mut cmd =
+            self.exec(scope, &[bin.to_str().unwrap(), mode, "127.0.0.53", "5432", "whoever", password, "appdb"]);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.spawn().expect("run pg-client")
     }
 
     /// Same, as another user.
@@ -305,6 +308,36 @@ impl Agent {
                 String::from_utf8_lossy(&out.stderr)
             )
         })
+    }
+
+    /// Exports the agent's CA (`portcullis ca export`) to a file, as a user
+    /// would to trust it; returns the file's path.
+    pub fn export_ca(&self) -> PathBuf {
+        let out = self.cli().args(["ca", "export", "--state-dir"]).arg(self.state_dir()).output().unwrap();
+        assert!(out.status.success(), "ca export: {}", String::from_utf8_lossy(&out.stderr));
+        let ca = self.dir.path().join(format!("{}.pem", unique("ca")));
+        std::fs::write(&ca, &out.stdout).unwrap();
+        ca
+    }
+
+    /// `portcullis approvals <args>` aimed at this agent, run from outside
+    /// any scope.
+    pub fn approvals(&self, args: &[&str]) -> Output {
+        self.cli().arg("approvals").args(args).output().unwrap()
+    }
+
+    /// The requests held for approval now; none when the list cannot be
+    /// read.
+    pub fn pending_approvals(&self) -> Vec<Value> {
+        let out = self.approvals(&["list", "--json"]);
+        serde_json::from_slice::<Value>(&out.stdout).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
+    }
+
+    /// Waits (`within` at most) until a request is held for approval and
+    /// returns every request held then; panics saying no `what` was held.
+    pub fn wait_pending(&self, what: &str, within: Duration) -> Vec<Value> {
+        let held = fixtures::wait_until(within, || Some(self.pending_approvals()).filter(|l| !l.is_empty()));
+        held.unwrap_or_else(|| panic!("no {what} was held:\n{}", self.log_text()))
     }
 
     /// Replaces the policy file and waits for the agent to react: `Ok` when

@@ -131,6 +131,13 @@ impl WebhookReceiver {
     pub fn bodies(&self) -> Vec<String> {
         self.bodies.lock().unwrap().clone()
     }
+
+    /// Waits (`within` at most) until `n` bodies have arrived; returns all
+    /// received then.
+    pub fn wait_bodies(&self, n: usize, within: std::time::Duration) -> Vec<String> {
+        let bodies = crate::fixtures::wait_until(within, || Some(self.bodies()).filter(|b| b.len() >= n));
+        bodies.unwrap_or_else(|| panic!("the webhook got fewer than {n} bodies: {:?}", self.bodies()))
+    }
 }
 
 fn echo(mut s: TcpStream) {
@@ -629,6 +636,18 @@ impl PgServer {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         server
+    }
+
+    /// Starts a server (see [`PgServer::start`]) holding the database most
+    /// suites test against: `appdb`, owned by `app`, whose password, stored
+    /// as SCRAM, is `password`. `app` is a superuser, so that whatever a test
+    /// expects portcullis to refuse would succeed if it were let through.
+    pub fn with_app_db(password: &str) -> PgServer {
+        let pg = PgServer::start();
+        pg.create_user("app", password, PgAuth::Scram);
+        pg.sql("postgres", "ALTER ROLE app SUPERUSER");
+        pg.sql("postgres", "CREATE DATABASE appdb OWNER app");
+        pg
     }
 
     pub fn port(&self) -> u16 {

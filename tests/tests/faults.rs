@@ -20,8 +20,9 @@ use std::{
 };
 
 use portcullis_tests::{
-    free_port, require_root, require_tool,
-    servers::{EchoServer, HttpServer, PgAuth, PgServer},
+    fixtures::{require_postgres, Tmpfs},
+    free_port, require_tool,
+    servers::{EchoServer, HttpServer, PgServer},
     Agent,
 };
 use serde_json::Value;
@@ -96,45 +97,19 @@ fn pwfile(dir: &Path) -> PathBuf {
 }
 
 fn pg_server() -> PgServer {
-    let pg = PgServer::start();
-    pg.create_user("app", PG_PASSWORD, PgAuth::Scram);
-    pg.sql("postgres", "ALTER ROLE app SUPERUSER");
-    pg.sql("postgres", "CREATE DATABASE appdb OWNER app");
+    let pg = PgServer::with_app_db(PG_PASSWORD);
     pg.sql("appdb", "CREATE TABLE log (n int PRIMARY KEY); ALTER TABLE log OWNER TO app");
     pg
 }
 
 fn tools() -> bool {
-    require_root()
-        && require_tool("curl")
-        && require_tool("psql")
-        && require_tool("mount")
-        && require_tool("/usr/lib/postgresql/15/bin/initdb")
+    require_postgres() && require_tool("curl") && require_tool("mount")
 }
 
 /// psql inside `ci` against the declared address, one script.
 fn psql(agent: &Agent, script: &str) -> Output {
-    let mut cmd = agent.exec(
-        "ci",
-        &[
-            "psql",
-            "-h",
-            "127.0.0.53",
-            "-p",
-            "5432",
-            "-U",
-            "whoever",
-            "-d",
-            "appdb",
-            "-X",
-            "-At",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-c",
-            script,
-        ],
-    );
-    cmd.env("PGPASSWORD", "not-the-password").env("PGCONNECT_TIMEOUT", "10");
+    let mut cmd = agent.psql("ci", "127.0.0.53", &["-v", "ON_ERROR_STOP=1", "-c", script]);
+    cmd.env("PGPASSWORD", "not-the-password");
     cmd.output().expect("run psql")
 }
 
@@ -357,38 +332,6 @@ fn an_upstream_reset_mid_response_is_a_clear_error_and_is_recorded() {
     });
     assert!(end["error"].is_string(), "the cut is recorded: {end}");
     verify(&agent);
-}
-
-/// A small tmpfs mounted for one test, unmounted at the end.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(at).unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
-            .arg(at)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount tmpfs");
-        Tmpfs(at.to_path_buf())
-    }
-
-    /// Fills the file system; returns the filler's path.
-    fn fill(&self) -> PathBuf {
-        let p = self.0.join("filler");
-        let mut f = std::fs::File::create(&p).unwrap();
-        let chunk = vec![0u8; 4096];
-        while f.write_all(&chunk).is_ok() {}
-        while f.write_all(&[0u8]).is_ok() {}
-        p
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 #[test]

@@ -3,15 +3,11 @@
 //! clients inside a guarded cgroup, steered through the eBPF path. A
 //! statement under `approve` waits, with its connection open, until an
 //! approver outside the scope answers through the CLI.
-use std::{
-    io::Write,
-    process::{Child, Output, Stdio},
-    time::{Duration, Instant},
-};
+use std::{io::Write, process::Child, time::Duration};
 
 use portcullis_tests::{
-    helper_bin, require_root, require_tool,
-    servers::{PgAuth, PgServer, WebhookReceiver},
+    fixtures::{app_db_target, output_text, require_postgres, secret_file},
+    servers::{PgServer, WebhookReceiver},
     Agent,
 };
 use serde_json::Value;
@@ -34,15 +30,7 @@ cgroup = "@CG@/ci"
 name = "quick"
 cgroup = "@CG@/quick"
 
-[[targets]]
-name = "app-db"
-protocol = "postgres"
-match = ["127.0.0.53:5432"]
-upstream = "{up}"
-[targets.credentials]
-user = "app"
-password = {{ file = "{pwfile}" }}
-
+{app_db}
 [[roles]]
 name = "migrator"
 [[roles.rules]]
@@ -68,7 +56,7 @@ scope = "quick"
 role = "hasty"
 "#,
         hook = hook.addr,
-        up = pg.addr,
+        app_db = app_db_target(pg.addr, pwfile),
     )
 }
 
@@ -80,21 +68,14 @@ struct Fixture {
 }
 
 fn fixture() -> Option<Fixture> {
-    if !require_root() || !require_tool("psql") || !require_tool("/usr/lib/postgresql/15/bin/initdb") {
+    if !require_postgres() {
         return None;
     }
-    let pg = PgServer::start();
-    pg.create_user("app", APP_PASSWORD, PgAuth::Scram);
-    pg.sql("postgres", "ALTER ROLE app SUPERUSER");
-    pg.sql("postgres", "CREATE DATABASE appdb OWNER app");
+    let pg = PgServer::with_app_db(APP_PASSWORD);
     pg.sql("appdb", "CREATE TABLE items (id int PRIMARY KEY, name text); INSERT INTO items VALUES (1, 'one');");
-    let dir = tempfile::tempdir().unwrap();
-    let pwfile = dir.path().join("app-db.pw");
-    std::fs::write(&pwfile, format!("{APP_PASSWORD}\n")).unwrap();
+    let pwfile = secret_file("app-db.pw", &format!("{APP_PASSWORD}\n"));
     let hook = WebhookReceiver::start(0);
-    let pwfile = pwfile.to_str().unwrap().to_string();
     let agent = Agent::start(&policy(&pg, &pwfile, &hook));
-    std::mem::forget(dir);
     Some(Fixture { agent, pg, hook, pwfile })
 }
 
@@ -103,26 +84,9 @@ fn psql(f: &Fixture, scope: &str, script: &str) -> Child {
     f.agent.spawn_psql(scope, "127.0.0.53", script, &[("PGPASSWORD", "anything")])
 }
 
-fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
-}
-
 /// Waits until a request is pending and returns the first one.
 fn pending(agent: &Agent) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = agent.cli().args(["approvals", "list", "--json"]).output().unwrap();
-        let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        if let Some(p) = list.as_array().and_then(|a| a.first()) {
-            return p.clone();
-        }
-        assert!(Instant::now() < deadline, "no request was held:\n{}", agent.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn approvals_cli(agent: &Agent, args: &[&str]) -> Output {
-    agent.cli().arg("approvals").args(args).output().unwrap()
+    agent.wait_pending("request", Duration::from_secs(20)).remove(0)
 }
 
 fn table_exists(pg: &PgServer, name: &str) -> bool {
@@ -141,9 +105,9 @@ fn held_ddl_runs_once_approved_and_the_webhook_hears_of_it() {
     assert!(!table_exists(&f.pg, "approved_t"), "nothing runs while held");
 
     let id = p["id"].to_string();
-    let out = approvals_cli(&f.agent, &["approve", &id]);
+    let out = f.agent.approvals(&["approve", &id]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (out, err) = text(&child.wait_with_output().unwrap());
+    let (out, err) = output_text(&child.wait_with_output().unwrap());
     assert!(err.contains(&format!("NOTICE:  01000: statement awaits approval {id}")), "{err}");
     assert!(err.contains(&format!("portcullis approvals approve {id}")), "{err}");
     assert!(!err.contains("ERROR"), "{err}");
@@ -161,12 +125,7 @@ fn held_ddl_runs_once_approved_and_the_webhook_hears_of_it() {
     assert!(rec["decision"]["reason"].as_str().unwrap().contains("approved by uid 0"), "{rec}");
 
     // The webhook got the JSON.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while f.hook.bodies().is_empty() {
-        assert!(Instant::now() < deadline, "no webhook");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let body: Value = serde_json::from_str(&f.hook.bodies()[0]).unwrap();
+    let body: Value = serde_json::from_str(&f.hook.wait_bodies(1, Duration::from_secs(10))[0]).unwrap();
     assert_eq!(body["id"], p["id"]);
     assert_eq!(body["target"], "app-db");
     assert_eq!(body["rule"], "roles.migrator.rules[0]");
@@ -182,9 +141,9 @@ fn denied_ddl_gets_42501_and_aborts_its_transaction() {
         "BEGIN;\nINSERT INTO items VALUES (2, 'two');\nDROP TABLE items;\nCOMMIT;\nSELECT 'count', count(*) FROM items;\n",
     );
     let id = pending(&f.agent)["id"].to_string();
-    let out = approvals_cli(&f.agent, &["deny", &id, "--reason", "not during the freeze"]);
+    let out = f.agent.approvals(&["deny", &id, "--reason", "not during the freeze"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (out, err) = text(&child.wait_with_output().unwrap());
+    let (out, err) = output_text(&child.wait_with_output().unwrap());
     assert!(err.contains("ERROR:  42501: permission denied by portcullis (roles.migrator.rules[0])"), "{err}");
     assert!(err.contains("not during the freeze"), "{err}");
     assert!(out.contains("ROLLBACK"), "the transaction ends aborted: {out}");
@@ -200,7 +159,7 @@ fn denied_ddl_gets_42501_and_aborts_its_transaction() {
 fn unanswered_ddl_times_out_denied() {
     let Some(f) = fixture() else { return };
     let child = psql(&f, "quick", "CREATE TABLE late_t (a int);\nSELECT 'alive';\n");
-    let (out, err) = text(&child.wait_with_output().unwrap());
+    let (out, err) = output_text(&child.wait_with_output().unwrap());
     assert!(err.contains("statement awaits approval"), "{err}");
     assert!(err.contains("42501") && err.contains("approval timed out"), "{err}");
     assert!(out.contains("alive"), "{out}");
@@ -218,7 +177,7 @@ fn a_caller_that_goes_away_cancels_its_held_statement() {
     child.wait().unwrap();
     let d = f.agent.wait_audit("cancelled", |r| r["type"] == "approval_decided" && r["id"] == id);
     assert_eq!(d["outcome"]["outcome"], "cancelled");
-    assert!(approvals_cli(&f.agent, &["list", "--json"]).stdout.starts_with(b"[]"));
+    assert!(f.agent.approvals(&["list", "--json"]).stdout.starts_with(b"[]"));
     f.agent.wait_audit("the statement", |r| {
         r["request"]["kind"] == "CREATE TABLE"
             && r["decision"]["verdict"] == "deny"
@@ -244,8 +203,8 @@ fn a_process_inside_the_scope_cannot_approve_even_as_root() {
     f.agent.wait_audit("refused", |r| r["type"] == "approval_refused");
     assert_eq!(pending(&f.agent)["id"].to_string(), id, "still pending");
     assert!(!table_exists(&f.pg, "self_t"));
-    assert!(approvals_cli(&f.agent, &["deny", &id]).status.success());
-    let (_, err) = text(&child.wait_with_output().unwrap());
+    assert!(f.agent.approvals(&["deny", &id]).status.success());
+    let (_, err) = output_text(&child.wait_with_output().unwrap());
     assert!(err.contains("42501"), "{err}");
     assert!(!table_exists(&f.pg, "self_t"));
 }
@@ -253,11 +212,7 @@ fn a_process_inside_the_scope_cannot_approve_even_as_root() {
 #[test]
 fn extended_protocol_holds_at_execute_and_session_grants_cover_the_same_shape() {
     let Some(f) = fixture() else { return };
-    let bin = helper_bin("pg-client");
-    let mut cmd =
-        f.agent.exec("ci", &[bin.to_str().unwrap(), "query", "127.0.0.53", "5432", "whoever", "anything", "appdb"]);
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("run pg-client");
+    let mut child = f.agent.spawn_pg_client("ci", "query", "anything");
     let mut stdin = child.stdin.take().unwrap();
     stdin
         .write_all(
@@ -268,7 +223,7 @@ fn extended_protocol_holds_at_execute_and_session_grants_cover_the_same_shape() 
     let p = pending(&f.agent);
     assert!(!table_exists(&f.pg, "ext_t"));
     let id = p["id"].to_string();
-    assert!(approvals_cli(&f.agent, &["approve", &id, "--session"]).status.success());
+    assert!(f.agent.approvals(&["approve", &id, "--session"]).status.success());
     let out = child.wait_with_output().unwrap();
     let lines: Vec<Value> =
         String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
@@ -292,11 +247,11 @@ fn a_session_revoked_while_held_leaves_nothing_pending() {
     let unbound = base.replace("[[bindings]]\nscope = \"ci\"\nrole = \"migrator\"\n", "");
     assert_ne!(unbound, base);
     f.agent.replace_policy(&unbound).unwrap();
-    let (_, err) = text(&child.wait_with_output().unwrap());
+    let (_, err) = output_text(&child.wait_with_output().unwrap());
     assert!(!err.contains("CREATE TABLE"), "{err}");
     let d = f.agent.wait_audit("cancelled", |r| r["type"] == "approval_decided" && r["id"] == p["id"]);
     assert_eq!(d["outcome"]["outcome"], "cancelled");
-    assert!(approvals_cli(&f.agent, &["list", "--json"]).stdout.starts_with(b"[]"));
+    assert!(f.agent.approvals(&["list", "--json"]).stdout.starts_with(b"[]"));
     let metrics = f.agent.metrics_text();
     assert!(metrics.lines().any(|l| l == "portcullis_approvals_held 0"), "{metrics}");
     assert!(!table_exists(&f.pg, "revoked_t"));

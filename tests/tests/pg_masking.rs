@@ -6,12 +6,13 @@
 //! audit log.
 use std::{
     io::{BufRead, BufReader, Write},
-    process::{Output, Stdio},
+    process::Output,
 };
 
 use portcullis_tests::{
-    helper_bin, require_root, require_tool,
-    servers::{PgAuth, PgServer},
+    fixtures::{app_db_target, output_text, require_postgres, secret_file},
+    helper_bin,
+    servers::PgServer,
     Agent,
 };
 use serde_json::Value;
@@ -37,15 +38,7 @@ cgroup = "@CG@/analyst"
 name = "admin"
 cgroup = "@CG@/admin"
 
-[[targets]]
-name = "app-db"
-protocol = "postgres"
-match = ["127.0.0.53:5432"]
-upstream = "{up}"
-[targets.credentials]
-user = "app"
-password = {{ file = "{pwfile}" }}
-
+{app_db}
 [[roles]]
 name = "analyst"
 [[roles.rules]]
@@ -67,7 +60,7 @@ role = "analyst"
 scope = "admin"
 role = "admin"
 "#,
-        up = pg.addr,
+        app_db = app_db_target(pg.addr, pwfile),
     )
 }
 
@@ -79,13 +72,10 @@ struct Fixture {
 }
 
 fn fixture() -> Option<Fixture> {
-    if !require_root() || !require_tool("psql") || !require_tool("/usr/lib/postgresql/15/bin/initdb") {
+    if !require_postgres() {
         return None;
     }
-    let pg = PgServer::start();
-    pg.create_user("app", APP_PASSWORD, PgAuth::Scram);
-    pg.sql("postgres", "ALTER ROLE app SUPERUSER");
-    pg.sql("postgres", "CREATE DATABASE appdb OWNER app");
+    let pg = PgServer::with_app_db(APP_PASSWORD);
     pg.sql(
         "appdb",
         &format!(
@@ -100,23 +90,14 @@ fn fixture() -> Option<Fixture> {
             EMAILS[0], EMAILS[1], EMAILS[2]
         ),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let pwfile = dir.path().join("app-db.pw");
-    std::fs::write(&pwfile, format!("{APP_PASSWORD}\n")).unwrap();
-    let keyfile = dir.path().join("mask.key");
-    std::fs::write(&keyfile, "a-test-hash-key-of-enough-length\n").unwrap();
-    let (pwfile, keyfile) = (pwfile.to_str().unwrap().to_string(), keyfile.to_str().unwrap().to_string());
+    let pwfile = secret_file("app-db.pw", &format!("{APP_PASSWORD}\n"));
+    let keyfile = secret_file("mask.key", "a-test-hash-key-of-enough-length\n");
     let agent = Agent::start(&policy(&pg, &pwfile, &keyfile));
-    std::mem::forget(dir);
     Some(Fixture { agent, pg, pwfile, keyfile })
 }
 
 fn psql(f: &Fixture, scope: &str, script: &str) -> Output {
     f.agent.spawn_psql(scope, "127.0.0.53", script, &[("PGPASSWORD", "anything")]).wait_with_output().unwrap()
-}
-
-fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
 fn no_email(s: &str) -> bool {
@@ -126,9 +107,9 @@ fn no_email(s: &str) -> bool {
 #[test]
 fn columns_are_masked_for_the_masked_role_and_clear_for_another() {
     let Some(f) = fixture() else { return };
-    let (out, err) = text(&psql(&f, "analyst", "SELECT email FROM users ORDER BY id;\n"));
+    let (out, err) = output_text(&psql(&f, "analyst", "SELECT email FROM users ORDER BY id;\n"));
     assert_eq!(out, "****\n****\n****\n", "{err}\n{}", f.agent.log_text());
-    let (out, err) = text(&psql(&f, "admin", "SELECT email FROM users ORDER BY id;\n"));
+    let (out, err) = output_text(&psql(&f, "admin", "SELECT email FROM users ORDER BY id;\n"));
     assert_eq!(out, format!("{}\n{}\n{}\n", EMAILS[0], EMAILS[1], EMAILS[2]), "{err}");
 
     // Aliases keep their source column; expressions over it do not leak.
@@ -140,12 +121,12 @@ fn columns_are_masked_for_the_masked_role_and_clear_for_another() {
                   WITH t(a, b) AS (SELECT id, email FROM users) SELECT upper(b) FROM t;\n\
                   SELECT id::text || ':' || email FROM users;\n\
                   SELECT 'alive';\n";
-    let (out, err) = text(&psql(&f, "analyst", script));
+    let (out, err) = output_text(&psql(&f, "analyst", script));
     assert!(no_email(&out) && no_email(&err), "{out}\n{err}");
     assert!(out.contains("alive") && out.contains("****"), "{out}\n{err}");
     // Functions that read masked columns: by SQL, and by the FunctionCall
     // message, whose result cannot be traced to a column.
-    let (out, err) = text(&psql(&f, "analyst", "SELECT email_of(1);\n"));
+    let (out, err) = output_text(&psql(&f, "analyst", "SELECT email_of(1);\n"));
     assert!(no_email(&out) && out.contains("****"), "{out}\n{err}");
     let oid = f.pg.sql("appdb", "SELECT 'email_of'::regproc::oid");
     let bin = helper_bin("pg-client");
@@ -164,11 +145,11 @@ fn columns_are_masked_for_the_masked_role_and_clear_for_another() {
         }
     }
     // Columns that are not masked stay readable.
-    let (out, _) = text(&psql(&f, "analyst", "SELECT id FROM users ORDER BY id;\n"));
+    let (out, _) = output_text(&psql(&f, "analyst", "SELECT id FROM users ORDER BY id;\n"));
     assert_eq!(out, "1\n2\n3\n");
 
     // Errors that would quote a masked value do not.
-    let (out, err) = text(&psql(&f, "analyst", "SELECT email::int FROM users;\nSELECT 'alive';\n"));
+    let (out, err) = output_text(&psql(&f, "analyst", "SELECT email::int FROM users;\nSELECT 'alive';\n"));
     assert!(err.contains("22P02"), "{err}");
     assert!(no_email(&err) && out.contains("alive"), "{out}\n{err}");
 }
@@ -176,43 +157,41 @@ fn columns_are_masked_for_the_masked_role_and_clear_for_another() {
 #[test]
 fn detectors_mask_cards_in_free_text_and_leave_non_luhn_numbers() {
     let Some(f) = fixture() else { return };
-    let (out, err) = text(&psql(&f, "analyst", "SELECT body FROM notes ORDER BY id;\n"));
+    let (out, err) = output_text(&psql(&f, "analyst", "SELECT body FROM notes ORDER BY id;\n"));
     assert_eq!(out, format!("paid with <card>\nref {NOT_A_CARD}\n"), "{err}");
     // In an error message too.
-    let (_, err) = text(&psql(&f, "analyst", "SELECT body::int FROM notes WHERE id = 1;\n"));
+    let (_, err) = output_text(&psql(&f, "analyst", "SELECT body::int FROM notes WHERE id = 1;\n"));
     assert!(err.contains("22P02") && !err.contains(CARD), "{err}");
-    let (out, _) = text(&psql(&f, "admin", "SELECT body FROM notes ORDER BY id;\n"));
+    let (out, _) = output_text(&psql(&f, "admin", "SELECT body FROM notes ORDER BY id;\n"));
     assert!(out.contains(CARD), "{out}");
 }
 
 #[test]
 fn hash_mode_keeps_equality() {
     let Some(f) = fixture() else { return };
-    let (out, err) = text(&psql(&f, "analyst", "SELECT ssn FROM users ORDER BY id;\n"));
+    let (out, err) = output_text(&psql(&f, "analyst", "SELECT ssn FROM users ORDER BY id;\n"));
     let v: Vec<&str> = out.lines().collect();
     assert_eq!(v.len(), 3, "{out}\n{err}");
     assert!(v.iter().all(|h| h.starts_with("hash:") && !h.contains("-")), "{out}");
     assert_eq!(v[0], v[1], "equal values hash equal");
     assert_ne!(v[0], v[2]);
-    let (out, err) = text(&psql(&f, "analyst", "SELECT ssn FROM users GROUP BY ssn ORDER BY 1;\n"));
+    let (out, err) = output_text(&psql(&f, "analyst", "SELECT ssn FROM users GROUP BY ssn ORDER BY 1;\n"));
     let groups: Vec<&str> = out.lines().collect();
     assert_eq!(groups.len(), 2, "{out}\n{err}");
     assert!(groups.contains(&v[0]) && groups.contains(&v[2]), "{out}");
     // Comparing two rows server-side still works on the real values.
-    let (out, _) =
-        text(&psql(&f, "analyst", "SELECT a.id, b.id FROM users a JOIN users b ON a.ssn = b.ssn AND a.id < b.id;\n"));
+    let (out, _) = output_text(&psql(
+        &f,
+        "analyst",
+        "SELECT a.id, b.id FROM users a JOIN users b ON a.ssn = b.ssn AND a.id < b.id;\n",
+    ));
     assert_eq!(out, "1|2\n");
 }
 
 #[test]
 fn binary_results_of_masked_columns_are_null() {
     let Some(f) = fixture() else { return };
-    let bin = helper_bin("pg-client");
-    let mut cmd = f
-        .agent
-        .exec("analyst", &[bin.to_str().unwrap(), "query", "127.0.0.53", "5432", "whoever", "anything", "appdb"]);
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("run pg-client");
+    let mut child = f.agent.spawn_pg_client("analyst", "query", "anything");
     child
         .stdin
         .take()
@@ -235,12 +214,14 @@ fn binary_results_of_masked_columns_are_null() {
 #[test]
 fn copy_out_is_masked_or_refused_and_the_audit_log_holds_no_clear_value() {
     let Some(f) = fixture() else { return };
-    let (out, err) = text(&psql(&f, "analyst", "COPY users TO STDOUT;\nSELECT 'alive';\n"));
+    let (out, err) = output_text(&psql(&f, "analyst", "COPY users TO STDOUT;\nSELECT 'alive';\n"));
     assert!(err.contains("42501") && err.contains("masked columns"), "{err}");
     assert!(no_email(&out) && out.contains("alive"), "{out}");
-    let (out, err) = text(&psql(&f, "analyst", "COPY (SELECT upper(email) FROM users) TO STDOUT WITH (FORMAT csv);\n"));
+    let (out, err) =
+        output_text(&psql(&f, "analyst", "COPY (SELECT upper(email) FROM users) TO STDOUT WITH (FORMAT csv);\n"));
     assert!(err.contains("42501") && no_email(&out), "{out}\n{err}");
-    let (out, err) = text(&psql(&f, "analyst", "COPY notes TO STDOUT;\nCOPY notes TO STDOUT WITH (FORMAT csv);\n"));
+    let (out, err) =
+        output_text(&psql(&f, "analyst", "COPY notes TO STDOUT;\nCOPY notes TO STDOUT WITH (FORMAT csv);\n"));
     assert!(!out.contains(CARD), "{out}\n{err}");
     assert!(out.contains("1\tpaid with <card>") && out.contains("1,paid with <card>"), "{out}\n{err}");
     assert!(out.contains(NOT_A_CARD), "{out}");
@@ -257,12 +238,7 @@ fn copy_out_is_masked_or_refused_and_the_audit_log_holds_no_clear_value() {
 #[test]
 fn a_reload_that_changes_the_masks_closes_open_sessions() {
     let Some(f) = fixture() else { return };
-    let bin = helper_bin("pg-client");
-    let mut cmd = f
-        .agent
-        .exec("analyst", &[bin.to_str().unwrap(), "query", "127.0.0.53", "5432", "whoever", "anything", "appdb"]);
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("run pg-client");
+    let mut child = f.agent.spawn_pg_client("analyst", "query", "anything");
     let mut stdin = child.stdin.take().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut connected = String::new();
@@ -309,6 +285,6 @@ allow = ["utility", "read","#,
     drop(stdin);
     let _ = child.wait();
     f.agent.wait_log("the session's masks changed with a policy reload");
-    let (out, err) = text(&psql(&f, "analyst", "SELECT email FROM users ORDER BY id;\n"));
+    let (out, err) = output_text(&psql(&f, "analyst", "SELECT email FROM users ORDER BY id;\n"));
     assert_eq!(out, "****\n****\n****\n", "{err}");
 }

@@ -10,6 +10,7 @@ use std::{
 };
 
 use portcullis_tests::{
+    fixtures::{app_db_target, output_text, require_postgres, secret_file},
     helper_bin, require_root, require_tool,
     servers::{PgAuth, PgServer},
     Agent,
@@ -37,15 +38,7 @@ cgroup = "@CG@/writer"
 name = "nobody"
 cgroup = "@CG@/nobody"
 
-[[targets]]
-name = "app-db"
-protocol = "postgres"
-match = ["127.0.0.53:5432"]
-upstream = "{up}"
-[targets.credentials]
-user = "app"
-password = {{ file = "{pwfile}" }}
-
+{app_db}
 [[targets]]
 name = "legacy-db"
 protocol = "postgres"
@@ -90,6 +83,7 @@ role = "writer"
 scope = "nobody"
 role = "outsider"
 "#,
+        app_db = app_db_target(pg.addr, pwfile),
         up = pg.addr,
     )
 }
@@ -100,14 +94,11 @@ struct Fixture {
 }
 
 fn fixture() -> Option<Fixture> {
-    if !require_root() || !require_tool("psql") || !require_tool("/usr/lib/postgresql/15/bin/initdb") {
+    if !require_postgres() {
         return None;
     }
-    let pg = PgServer::start();
-    pg.create_user("app", APP_PASSWORD, PgAuth::Scram);
+    let pg = PgServer::with_app_db(APP_PASSWORD);
     pg.create_user("legacy", LEGACY_PASSWORD, PgAuth::Md5);
-    pg.sql("postgres", "ALTER ROLE app SUPERUSER");
-    pg.sql("postgres", "CREATE DATABASE appdb OWNER app");
     pg.sql(
         "appdb",
         "CREATE TABLE items (id int PRIMARY KEY, name text);
@@ -118,13 +109,8 @@ fn fixture() -> Option<Fixture> {
          CREATE FUNCTION bump() RETURNS int LANGUAGE sql AS 'INSERT INTO t VALUES (42) RETURNING a';
          GRANT SELECT ON ALL TABLES IN SCHEMA public TO legacy;",
     );
-    let dir = tempfile::tempdir().unwrap();
-    let pwfile = dir.path().join("app-db.pw");
-    std::fs::write(&pwfile, format!("{APP_PASSWORD}\n")).unwrap();
-    let agent =
-        Agent::start_with_env(&policy(&pg, pwfile.to_str().unwrap()), &[("LEGACY_DB_PASSWORD", LEGACY_PASSWORD)]);
-    // The password file must outlive the agent's sessions.
-    std::mem::forget(dir);
+    let pwfile = secret_file("app-db.pw", &format!("{APP_PASSWORD}\n"));
+    let agent = Agent::start_with_env(&policy(&pg, &pwfile), &[("LEGACY_DB_PASSWORD", LEGACY_PASSWORD)]);
     Some(Fixture { agent, pg })
 }
 
@@ -137,17 +123,9 @@ fn psql_with(f: &Fixture, scope: &str, host: &str, script: &str, env: &[(&str, &
     f.agent.spawn_psql(scope, host, script, env).wait_with_output().unwrap()
 }
 
-fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
-}
-
 /// The extended-protocol client inside `scope`: one JSON value per line.
 fn pg_client(f: &Fixture, scope: &str, mode: &str, password: &str, stdin: &str) -> Vec<Value> {
-    let bin = helper_bin("pg-client");
-    let mut cmd =
-        f.agent.exec(scope, &[bin.to_str().unwrap(), mode, "127.0.0.53", "5432", "whoever", password, "appdb"]);
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("run pg-client");
+    let mut child = f.agent.spawn_pg_client(scope, mode, password);
     child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     let lines: Vec<Value> =
@@ -178,7 +156,7 @@ fn read_only_role_reads_and_is_refused_writes_on_the_same_connection() {
          CREATE TABLE t2 (a int);\n\
          SELECT 'after create', current_user;\n",
     );
-    let (out, err) = text(&o);
+    let (out, err) = output_text(&o);
     assert!(out.contains("3\n"), "SELECT works: {out}\n{err}\n{}", f.agent.log_text());
     assert!(out.contains("after insert|3"), "the connection keeps working and nothing was inserted: {out}\n{err}");
     assert!(out.contains("after create|app"), "the upstream session is the target's user: {out}\n{err}");
@@ -240,7 +218,7 @@ fn the_caller_gets_in_with_any_password_and_never_sees_the_real_one() {
     // Wrong and empty passwords, SCRAM (app-db) and md5 (legacy-db) upstreams.
     for (host, pw, user) in [("127.0.0.53", "wrong", "app"), ("127.0.0.53", "", "app"), ("127.0.0.54", "", "legacy")] {
         let o = psql_with(&f, "ci", host, "SELECT current_user;\n", &[("PGPASSWORD", pw)]);
-        let (out, err) = text(&o);
+        let (out, err) = output_text(&o);
         assert_eq!(out.trim(), user, "{host} with {pw:?}: {err}\n{}", f.agent.log_text());
         assert!(!out.contains(APP_PASSWORD) && !err.contains(APP_PASSWORD));
     }
@@ -294,7 +272,7 @@ fn attacks_on_a_read_only_role_are_denied() {
     ];
     for (what, sql) in &cases {
         let o = psql(&f, "ci", "127.0.0.53", &format!("{sql}\nSELECT 'alive';\n"));
-        let (out, err) = text(&o);
+        let (out, err) = output_text(&o);
         assert!(denied_by_portcullis(&err), "{what}: {sql:.200}\nstdout: {out}\nstderr: {err}");
         assert!(out.contains("alive"), "{what}: the connection stays usable: {out} {err}");
         assert!(!out.contains("the-crown-jewels"), "{what}: {out}");
@@ -332,7 +310,7 @@ fn a_denial_inside_a_transaction_aborts_it() {
          COMMIT;\n\
          SELECT 'count', count(*) FROM items;\n",
     );
-    let (out, err) = text(&o);
+    let (out, err) = output_text(&o);
     assert!(denied_by_portcullis(&err), "{err}\n{}", f.agent.log_text());
     assert!(err.contains("deny_tables"), "{err}");
     assert!(out.contains("ROLLBACK"), "COMMIT of an aborted transaction rolls back: {out}");
@@ -341,13 +319,13 @@ fn a_denial_inside_a_transaction_aborts_it() {
 
     // DDL under `approve` is held; nobody answers within the rule's
     // timeout, so it is denied, saying so.
-    let (out, err) = text(&psql(&f, "writer", "127.0.0.53", "CREATE TABLE t3 (a int);\nSELECT 'alive';\n"));
+    let (out, err) = output_text(&psql(&f, "writer", "127.0.0.53", "CREATE TABLE t3 (a int);\nSELECT 'alive';\n"));
     assert!(denied_by_portcullis(&err) && err.contains("approval timed out"), "{out}{err}");
     assert!(err.contains("statement awaits approval"), "{err}");
     assert!(out.contains("alive"), "the connection stays usable: {out}");
 
     // Writes the role may do go through, and their authorisation is recorded.
-    let (out, err) = text(&psql(&f, "writer", "127.0.0.53", "INSERT INTO items VALUES (11, 'eleven');\n"));
+    let (out, err) = output_text(&psql(&f, "writer", "127.0.0.53", "INSERT INTO items VALUES (11, 'eleven');\n"));
     assert!(out.contains("INSERT 0 1") || err.is_empty(), "{out}{err}");
     assert_eq!(f.pg.sql("appdb", "SELECT name FROM items WHERE id = 11"), "eleven");
     let rec =
@@ -358,7 +336,7 @@ fn a_denial_inside_a_transaction_aborts_it() {
 #[test]
 fn copy_both_ways_as_the_policy_says() {
     let Some(f) = fixture() else { return };
-    let (out, err) = text(&psql(
+    let (out, err) = output_text(&psql(
         &f,
         "writer",
         "127.0.0.53",
@@ -366,7 +344,8 @@ fn copy_both_ways_as_the_policy_says() {
     ));
     assert!(out.contains("20\n21"), "{out}\n{err}\n{}", f.agent.log_text());
     assert_eq!(f.pg.sql("appdb", "SELECT count(*) FROM items WHERE id >= 20"), "2");
-    let (out, err) = text(&psql(&f, "ci", "127.0.0.53", "COPY items FROM STDIN;\n30\tthirty\n\\.\nSELECT 'alive';\n"));
+    let (out, err) =
+        output_text(&psql(&f, "ci", "127.0.0.53", "COPY items FROM STDIN;\n30\tthirty\n\\.\nSELECT 'alive';\n"));
     assert!(denied_by_portcullis(&err), "{out}{err}");
     assert_eq!(f.pg.sql("appdb", "SELECT count(*) FROM items WHERE id = 30"), "0");
 }
@@ -375,15 +354,20 @@ fn copy_both_ways_as_the_policy_says() {
 fn session_level_denial_startup_filtering_cancel_and_reload() {
     let Some(f) = fixture() else { return };
     // A role without a rule for the target: FATAL 42501 at start-up.
-    let (out, err) = text(&psql(&f, "nobody", "127.0.0.53", "SELECT 1;\n"));
+    let (out, err) = output_text(&psql(&f, "nobody", "127.0.0.53", "SELECT 1;\n"));
     assert!(err.contains("FATAL:  permission denied by portcullis (roles.outsider)"), "{out}{err}");
     let r = pg_client(&f, "nobody", "query", "", "SELECT 1\n");
     assert_eq!(r[0]["connected"], false, "{r:?}");
     assert_eq!(r[0]["error"]["code"], "42501", "{r:?}");
 
     // Startup `options` are dropped: search_path stays the default.
-    let (out, err) =
-        text(&psql_with(&f, "ci", "127.0.0.53", "SHOW search_path;\n", &[("PGOPTIONS", "-c search_path=pg_temp")]));
+    let (out, err) = output_text(&psql_with(
+        &f,
+        "ci",
+        "127.0.0.53",
+        "SHOW search_path;\n",
+        &[("PGOPTIONS", "-c search_path=pg_temp")],
+    ));
     assert_eq!(out.trim(), "\"$user\", public", "{err}");
 
     // CancelRequest with portcullis' key reaches the upstream with its own.
@@ -505,7 +489,7 @@ fn tls_to_the_caller_and_verified_tls_upstream_with_cleartext_only_over_it() {
             .exec("ci", &["psql", &conn, "-X", "-At", "-c", "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"])
             .output()
             .unwrap();
-        text(&o)
+        output_text(&o)
     };
     // The caller verifies portcullis' certificate for the address it dialled;
     // portcullis verifies the server's and may then send a cleartext password.
