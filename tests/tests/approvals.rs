@@ -64,20 +64,7 @@ fn finish(child: Child) -> Value {
 
 /// Waits until exactly one request is pending and returns it.
 fn pending(agent: &Agent) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = agent.cli().args(["approvals", "list", "--json"]).output().unwrap();
-        let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        if let Some(p) = list.as_array().and_then(|a| a.first()) {
-            return p.clone();
-        }
-        assert!(Instant::now() < deadline, "no request was held:\n{}", agent.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn approvals_cli(agent: &Agent, args: &[&str]) -> std::process::Output {
-    agent.cli().arg("approvals").args(args).output().unwrap()
+    agent.wait_pending("request", Duration::from_secs(10)).remove(0)
 }
 
 #[test]
@@ -103,7 +90,7 @@ fn approved_request_runs_and_the_caller_sees_success() {
     assert!(line.contains("WARN"), "held requests are logged at warn: {line}");
 
     let id = p["id"].to_string();
-    let out = approvals_cli(&agent, &["approve", &id]);
+    let out = agent.approvals(&["approve", &id]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r = finish(client);
     assert_eq!(r["reply"], "echo:ship-it", "{r}");
@@ -117,12 +104,7 @@ fn approved_request_runs_and_the_caller_sees_success() {
     agent.wait_audit("requested", |r| r["type"] == "approval_requested" && r["id"] == p["id"]);
 
     // The webhook got the JSON (after one failed attempt, retried).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while hook.bodies().len() < 2 {
-        assert!(Instant::now() < deadline, "webhook not retried: {:?}", hook.bodies());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let body: Value = serde_json::from_str(&hook.bodies()[1]).unwrap();
+    let body: Value = serde_json::from_str(&hook.wait_bodies(2, Duration::from_secs(10))[1]).unwrap();
     assert_eq!(body["id"], p["id"]);
     assert_eq!(body["target"], "deploy-hook");
     assert_eq!(body["rule"], "roles.deployer.rules[0]");
@@ -142,7 +124,7 @@ fn denied_request_is_refused_with_the_reason_recorded() {
     let agent = Agent::start(&policy(&up, None, "5m"));
     let client = held_client(&agent, "drop-prod", 30);
     let id = pending(&agent)["id"].to_string();
-    let out = approvals_cli(&agent, &["deny", &id, "--reason", "not during the freeze"]);
+    let out = agent.approvals(&["deny", &id, "--reason", "not during the freeze"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r = finish(client);
     assert_eq!(r["reply"], "", "{r}");
@@ -178,7 +160,7 @@ fn caller_that_disconnects_cancels_its_request() {
     assert_eq!(r["reply"], "");
     let d = agent.wait_audit("cancelled", |r| r["type"] == "approval_decided");
     assert_eq!(d["outcome"]["outcome"], "cancelled");
-    assert!(approvals_cli(&agent, &["list", "--json"]).stdout.starts_with(b"[]"));
+    assert!(agent.approvals(&["list", "--json"]).stdout.starts_with(b"[]"));
     assert_eq!(up.count(), 0);
 }
 
@@ -208,7 +190,7 @@ fn a_process_inside_the_scope_cannot_approve_even_as_root() {
     // Still pending; an outside approver can still deny it.
     assert_eq!(pending(&agent)["id"].to_string(), id);
     assert_eq!(up.count(), 0);
-    assert!(approvals_cli(&agent, &["deny", &id]).status.success());
+    assert!(agent.approvals(&["deny", &id]).status.success());
     assert_eq!(finish(client)["reply"], "");
 }
 
@@ -221,7 +203,7 @@ fn session_and_duration_approvals_cover_the_same_request_shape() {
     let agent = Agent::start(&policy(&up, None, "5m"));
     let client = held_client(&agent, "one", 30);
     let id = pending(&agent)["id"].to_string();
-    assert!(approvals_cli(&agent, &["approve", &id, "--for", "10m"]).status.success());
+    assert!(agent.approvals(&["approve", &id, "--for", "10m"]).status.success());
     assert_eq!(finish(client)["reply"], "echo:one");
     // A new connection of the same shape passes without a new hold.
     let r = finish(held_client(&agent, "two", 30));

@@ -9,7 +9,7 @@
 use std::{
     path::{Path, PathBuf},
     process::{Child, Output, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use portcullis_tests::{
@@ -136,10 +136,7 @@ fn fixture() -> Option<Fixture> {
     let plain = GitServer::plain(Some(&format!("Bearer {BEARER}")));
     let agent =
         Agent::start_with_env(&policy(&tls, &plain), &[("PC_TEST_GIT_TOKEN", TOKEN), ("PC_TEST_GIT_BEARER", BEARER)]);
-    let out = agent.cli().args(["ca", "export", "--state-dir"]).arg(agent.state_dir()).output().unwrap();
-    assert!(out.status.success(), "ca export: {}", String::from_utf8_lossy(&out.stderr));
-    let ca = agent.dir.path().join(format!("{}.pem", unique("ca")));
-    std::fs::write(&ca, &out.stdout).unwrap();
+    let ca = agent.export_ca();
     Some(Fixture { agent, tls, plain, ca, work: tempfile::tempdir().unwrap() })
 }
 
@@ -347,16 +344,7 @@ fn rejected_to(out: &Output, src: &str, dst: &str) -> bool {
 
 /// Waits until one request is held and returns it.
 fn pending(agent: &Agent) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = agent.cli().args(["approvals", "list", "--json"]).output().unwrap();
-        let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        if let Some(p) = list.as_array().and_then(|a| a.first()) {
-            return p.clone();
-        }
-        assert!(Instant::now() < deadline, "no push was held:\n{}", agent.log_text());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    agent.wait_pending("push", Duration::from_secs(60)).remove(0)
 }
 
 #[test]

@@ -8,9 +8,10 @@
 use std::{path::PathBuf, process::Output};
 
 use portcullis_tests::{
+    fixtures::json,
     helper_bin, require_root, require_tool,
     servers::{pattern_sum, HttpServer},
-    unique, Agent,
+    Agent,
 };
 use serde_json::Value;
 
@@ -115,10 +116,7 @@ fn fixture() -> Option<Fixture> {
         &policy(&api, &plain, &elsewhere),
         &[("PC_TEST_API_TOKEN", TOKEN), ("PC_TEST_PLAIN_KEY", PLAIN_KEY)],
     );
-    let out = agent.cli().args(["ca", "export", "--state-dir"]).arg(agent.state_dir()).output().unwrap();
-    assert!(out.status.success(), "ca export: {}", String::from_utf8_lossy(&out.stderr));
-    let ca = agent.dir.path().join(format!("{}.pem", unique("ca")));
-    std::fs::write(&ca, &out.stdout).unwrap();
+    let ca = agent.export_ca();
     Some(Fixture { agent, api, plain, elsewhere, ca })
 }
 
@@ -181,10 +179,6 @@ impl Fixture {
             })
             .collect()
     }
-}
-
-fn json(body: &str) -> Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
 #[test]

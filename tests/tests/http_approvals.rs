@@ -5,10 +5,10 @@
 //! caller gets the approval id at once and retries.
 use std::{
     process::{Child, Output, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use portcullis_tests::{require_root, require_tool, servers::HttpServer, Agent};
+use portcullis_tests::{fixtures::json, require_root, require_tool, servers::HttpServer, Agent};
 use serde_json::Value;
 
 const TOKEN: &str = "approvals-upstream-token-55c1";
@@ -96,31 +96,15 @@ fn curl(agent: &Agent, scope: &str, args: &[&str]) -> (String, u16) {
     parse(&agent.exec(scope, &curl_argv(args)).output().expect("run curl"))
 }
 
-fn json(body: &str) -> Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
-}
-
 /// Waits until exactly one request is pending and returns it.
 fn pending(agent: &Agent) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let list = pending_list(agent);
-        if let Some(p) = list.first() {
-            assert_eq!(list.len(), 1, "{list:?}");
-            return p.clone();
-        }
-        assert!(Instant::now() < deadline, "no request was held:\n{}", agent.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn pending_list(agent: &Agent) -> Vec<Value> {
-    let out = agent.cli().args(["approvals", "list", "--json"]).output().unwrap();
-    serde_json::from_slice::<Value>(&out.stdout).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
+    let list = agent.wait_pending("request", Duration::from_secs(20));
+    assert_eq!(list.len(), 1, "{list:?}");
+    list[0].clone()
 }
 
 fn approvals(agent: &Agent, args: &[&str]) {
-    let out = agent.cli().arg("approvals").args(args).output().unwrap();
+    let out = agent.approvals(args);
     assert!(out.status.success(), "approvals {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -159,7 +143,7 @@ fn held_delete_approved_from_outside_gets_the_upstream_answer() {
     assert!(d["decision"]["reason"].as_str().unwrap().contains("approved by uid 0"), "{d}");
     let decided = agent.wait_audit("approval decided", |r| r["type"] == "approval_decided");
     assert_eq!(decided["outcome"]["outcome"], "approved");
-    assert!(pending_list(&agent).is_empty());
+    assert!(agent.pending_approvals().is_empty());
 }
 
 #[test]
@@ -235,7 +219,7 @@ fn killing_the_held_caller_cancels_and_records_it() {
     let _ = child.wait();
     let d = agent.wait_audit("cancelled", |r| r["type"] == "approval_decided" && r["id"] == p["id"]);
     assert_eq!(d["outcome"]["outcome"], "cancelled");
-    assert!(pending_list(&agent).is_empty(), "no longer pending");
+    assert!(agent.pending_approvals().is_empty(), "no longer pending");
     assert!(up.requests_to("/items").is_empty());
 }
 
@@ -255,7 +239,7 @@ fn early_mode_answers_with_the_id_and_lets_one_retry_through_once_approved() {
     let (body, code) = curl(&agent, "batch", &["-X", "DELETE", url]);
     assert_eq!(code, 403);
     assert_eq!(json(&body)["approval"].as_str().unwrap(), id);
-    assert_eq!(pending_list(&agent).len(), 1);
+    assert_eq!(agent.pending_approvals().len(), 1);
     assert!(up.requests_to("/items").is_empty());
 
     approvals(&agent, &["approve", &id]);

@@ -5,11 +5,11 @@
 //! target's injected token echoed back by the upstream is masked for every
 //! role, in the body and in headers; the audit log holds no clear value.
 use portcullis_tests::{
+    fixtures::json,
     require_root, require_tool,
     servers::{HttpServer, FIXTURE_TEXT_EMAIL},
     Agent,
 };
-use serde_json::Value;
 
 const TOKEN: &str = "masking/upstream+token-3d9e71";
 const RESOLVE: &str = "api.example.test:80:127.1.0.4";
@@ -88,10 +88,6 @@ fn get(agent: &Agent, scope: &str, path: &str, extra: &[&str]) -> (Vec<(String, 
 
 fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
     h.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
-}
-
-fn json(body: &str) -> Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
 #[test]
