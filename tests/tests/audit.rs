@@ -8,47 +8,16 @@ use std::{
     process::{Command, Stdio},
 };
 
-use portcullis_tests::{helper_bin, portcullis_bin, require_root, servers::EchoServer, Agent};
+use portcullis_tests::{
+    fixtures::{echo_policy, Tmpfs},
+    helper_bin, portcullis_bin, require_root,
+    servers::EchoServer,
+    Agent,
+};
 use serde_json::Value;
 
 fn policy(echo: &EchoServer) -> String {
-    format!(
-        r#"
-version = 1
-
-[[scopes]]
-name = "ci"
-cgroup = "@CG@/ci"
-
-[[scopes]]
-name = "guest"
-cgroup = "@CG@/guest"
-
-[[targets]]
-name = "echo"
-protocol = "tcp"
-match = ["127.0.0.53:7100"]
-upstream = "{echo}"
-
-[[roles]]
-name = "builder"
-[[roles.rules]]
-target = "echo"
-allow = ["connect"]
-
-[[roles]]
-name = "nobody"
-
-[[bindings]]
-scope = "ci"
-role = "builder"
-
-[[bindings]]
-scope = "guest"
-role = "nobody"
-"#,
-        echo = echo.addr
-    )
+    echo_policy(echo.addr, "127.0.0.53:7100", "allow")
 }
 
 /// `portcullis sessions ...` on a log directory, without an agent.
@@ -406,42 +375,6 @@ fn retention_removes_only_whole_old_segments_and_says_so() {
     assert!(total - active <= 12 << 10, "closed segments within the limit: {segs:?}");
     let (ok, v) = verify(&log);
     assert!(ok, "{v}");
-}
-
-/// A small tmpfs mounted for one test, unmounted at the end.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(at).unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
-            .arg(at)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount tmpfs");
-        Tmpfs(at.to_path_buf())
-    }
-
-    /// Fills the file system; returns the filler's path.
-    fn fill(&self) -> PathBuf {
-        use std::io::Write;
-        let p = self.0.join("filler");
-        let mut f = std::fs::File::create(&p).unwrap();
-        let chunk = vec![0u8; 4096];
-        while f.write_all(&chunk).is_ok() {}
-        let mut one = [0u8; 1];
-        while f.write_all(&one[..]).is_ok() {
-            one[0] = 0;
-        }
-        p
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 #[test]

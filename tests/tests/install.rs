@@ -7,12 +7,12 @@ use std::{
     os::unix::{fs::MetadataExt, net::UnixDatagram},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use portcullis_tests::{
-    cgroup2_mount, helper_bin, portcullis_bin, remove_cgroup_tree, require_root, require_tool, servers::EchoServer,
-    unique, workspace_root, Agent,
+    cgroup2_mount, fixtures::wait_until, helper_bin, portcullis_bin, remove_cgroup_tree, require_root, require_tool,
+    servers::EchoServer, unique, workspace_root, Agent,
 };
 use serde_json::Value;
 
@@ -32,15 +32,8 @@ fn run(cmd: &mut Command) -> (i32, String, String) {
 
 /// Polls `f` until it returns Some (bounded, so a broken feature fails
 /// instead of hanging).
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    wait_until(Duration::from_secs(20), f).unwrap_or_else(|| panic!("timed out waiting for {what}"))
 }
 
 /// A command that moves itself into cgroup `dir`, then runs the test client
@@ -284,37 +277,7 @@ fn deb_holds_what_it_should_and_its_policy_checks() {
 // ---------------------------------------------------------------- readiness
 
 fn echo_policy(echo: &EchoServer) -> String {
-    format!(
-        r#"
-version = 1
-[[scopes]]
-name = "ci"
-cgroup = "@CG@/ci"
-egress = "deny"
-[[scopes]]
-name = "guest"
-cgroup = "@CG@/guest"
-[[targets]]
-name = "echo"
-protocol = "tcp"
-match = ["127.0.0.53:7000"]
-upstream = "{echo}"
-[[roles]]
-name = "builder"
-[[roles.rules]]
-target = "echo"
-allow = ["connect"]
-[[roles]]
-name = "nobody"
-[[bindings]]
-scope = "ci"
-role = "builder"
-[[bindings]]
-scope = "guest"
-role = "nobody"
-"#,
-        echo = echo.addr
-    )
+    portcullis_tests::fixtures::echo_policy(echo.addr, "127.0.0.53:7000", "deny")
 }
 
 #[test]
