@@ -1,19 +1,21 @@
 //! Value detectors. One pass of cheap triggers over the text finds where a
 //! secret may start: `@` (memchr) for emails, a run of digits for cards and
-//! IBANs, and one Aho-Corasick automaton (SIMD) for every literal a built-in
-//! pattern begins with (`-----BEGIN `, `eyJ`, `ghp_`, `AKIA`, `Bearer`,
-//! `password`...). At each trigger the detector's pattern runs anchored there
-//! (one multi-pattern automaton holds them all), then validators (Luhn,
-//! mod-97, JWT header) keep false positives out. Custom detectors run as one
-//! more multi-pattern automaton over the text.
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind as AcMatchKind};
+//! IBANs, and one literal search (SIMD; the `literals` module) for every
+//! literal a built-in pattern begins with (`-----BEGIN `, `eyJ`, `ghp_`,
+//! `AKIA`, `Bearer`, `password`...). At each trigger the detector's pattern
+//! runs anchored there (one multi-pattern automaton holds them all), then
+//! validators (Luhn, mod-97, JWT header) keep false positives out. Custom
+//! detectors run as one more multi-pattern automaton over the text.
 use regex_automata::{
     meta::{self, Regex},
     util::{captures::Captures, syntax},
     Anchored, Input, MatchKind, PatternID,
 };
 
-use super::spec::{Builtin, CustomDetector};
+use super::{
+    literals::Literals,
+    spec::{Builtin, CustomDetector},
+};
 
 /// What found a match: a built-in detector or the index of a custom one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -217,7 +219,7 @@ pub struct Detectors {
     /// Pattern id in `anchored` of each enabled `Pat` (by `Pat::ALL` index).
     pid: [Option<PatternID>; Pat::ALL.len()],
     /// Trigger literals, and the patterns each may start, tried in order.
-    literals: Option<AhoCorasick>,
+    literals: Option<Literals>,
     literal_pats: Vec<Vec<Pat>>,
     email: bool,
     card: bool,
@@ -288,12 +290,7 @@ impl Detectors {
                 }
             }
         }
-        let literals = (!literals.is_empty()).then(|| {
-            AhoCorasickBuilder::new()
-                .match_kind(AcMatchKind::LeftmostLongest)
-                .build(&literals)
-                .expect("literal triggers always build")
-        });
+        let literals = Literals::new(&literals);
         let mut custom_sources = Vec::new();
         let mut custom_index = Vec::new();
         let mut custom_group = Vec::new();
@@ -380,8 +377,8 @@ impl Detectors {
     fn find_builtin(&self, scratch: &mut Scratch, text: &[u8], out: &mut Vec<Found>) {
         let cands = &mut scratch.cands;
         cands.clear();
-        if let Some(ac) = &self.literals {
-            for m in ac.find_iter(text) {
+        if let Some(lits) = &self.literals {
+            for m in lits.find_iter(text) {
                 let mut at = m.start();
                 if text[m.start()..m.end()].eq_ignore_ascii_case(b"key") {
                     // Only `api_key`, `secret-key`, `privateKey` and the like.

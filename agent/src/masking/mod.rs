@@ -20,6 +20,7 @@
 pub mod column;
 pub mod detect;
 pub mod json;
+mod literals;
 pub mod mode;
 pub mod secrets;
 pub mod spec;
