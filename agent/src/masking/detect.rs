@@ -227,6 +227,30 @@ pub struct Detectors {
     custom: Option<Regex>,
     custom_index: Vec<usize>,
     custom_group: Vec<bool>,
+    /// The shortest text each scan can find something in, from the
+    /// patterns themselves: a shorter value skips that scan (most values
+    /// are short, and starting a scan is most of what it costs on them).
+    min: MinLen,
+}
+
+/// Shortest match lengths, in bytes.
+#[derive(Debug, Clone, Copy)]
+struct MinLen {
+    /// Of the patterns the trigger literals start.
+    literal: usize,
+    email: usize,
+    /// Of cards and IBANs (the digit-run scan).
+    digits: usize,
+    custom: usize,
+}
+
+/// A card has at least this many digits (see [`card_in`]).
+const CARD_MIN_DIGITS: usize = 13;
+
+/// The length of the shortest text `source` can match (0 if unknown, so
+/// nothing is skipped).
+fn min_len(source: &str) -> usize {
+    syntax::parse_with(source, &syntax_config()).ok().and_then(|h| h.properties().minimum_len()).unwrap_or(0)
 }
 
 impl std::fmt::Debug for Detectors {
@@ -306,17 +330,29 @@ impl Detectors {
             custom_group.push(groups > 1);
         }
         let custom = if custom_sources.is_empty() { None } else { Some(build(&custom_sources)?) };
+        let card = builtins.contains(&Builtin::Card);
+        let iban = builtins.contains(&Builtin::Iban);
+        // usize::MAX where a scan is off.
+        let shortest = |sources: &mut dyn Iterator<Item = &str>| sources.map(min_len).min().unwrap_or(usize::MAX);
+        let card_min = if card { CARD_MIN_DIGITS } else { usize::MAX };
+        let min = MinLen {
+            literal: shortest(&mut pats.iter().filter(|p| !p.triggers().is_empty()).map(|p| p.source())),
+            email: min_len(Pat::Email.source()),
+            digits: shortest(&mut pats.iter().filter(|p| **p == Pat::Iban).map(|p| p.source())).min(card_min),
+            custom: shortest(&mut custom_sources.iter().copied()),
+        };
         Ok(Detectors {
             anchored,
             pid,
             literals,
             literal_pats,
             email: builtins.contains(&Builtin::Email),
-            card: builtins.contains(&Builtin::Card),
-            iban: builtins.contains(&Builtin::Iban),
+            card,
+            iban,
             custom,
             custom_index,
             custom_group,
+            min,
         })
     }
 
@@ -339,7 +375,9 @@ impl Detectors {
     pub fn find(&self, scratch: &mut Scratch, text: &[u8], out: &mut Vec<Found>) {
         let first = out.len();
         self.find_builtin(scratch, text, out);
-        if let (Some(re), Some((cache, caps))) = (&self.custom, &mut scratch.custom) {
+        if let (Some(re), Some((cache, caps)), true) =
+            (&self.custom, &mut scratch.custom, text.len() >= self.min.custom)
+        {
             let found = &mut scratch.custom_found;
             found.clear();
             let mut at = 0;
@@ -377,7 +415,7 @@ impl Detectors {
     fn find_builtin(&self, scratch: &mut Scratch, text: &[u8], out: &mut Vec<Found>) {
         let cands = &mut scratch.cands;
         cands.clear();
-        if let Some(lits) = &self.literals {
+        if let Some(lits) = self.literals.as_ref().filter(|_| text.len() >= self.min.literal) {
             for m in lits.find_iter(text) {
                 let mut at = m.start();
                 if text[m.start()..m.end()].eq_ignore_ascii_case(b"key") {
@@ -390,7 +428,7 @@ impl Detectors {
                 cands.push(Cand { at, what: CandKind::Literal(m.pattern().as_usize()) });
             }
         }
-        if self.email {
+        if self.email && text.len() >= self.min.email {
             for p in memchr::memchr_iter(b'@', text) {
                 let mut a = p;
                 while a > 0 && is_local(text[a - 1]) {
@@ -401,7 +439,7 @@ impl Detectors {
                 }
             }
         }
-        if self.card || self.iban {
+        if (self.card || self.iban) && text.len() >= self.min.digits {
             digit_runs(text, |start, end, digits| {
                 if self.iban
                     && start >= 2
@@ -914,6 +952,35 @@ mod tests {
         }
         assert_eq!(next_digit(b"abcdefghijklmnop9", 0), Some(16));
         assert_eq!(next_digit(b"abcdefghijklmnopq", 0), None);
+    }
+
+    #[test]
+    fn texts_as_short_as_a_match_are_still_scanned() {
+        let d = all();
+        // Each scan's gate sits at its shortest possible match...
+        assert_eq!((d.min.literal, d.min.email, d.min.digits), (12, 6, 12));
+        is("pwd=12345678", "12345678", Builtin::Token);
+        is("a@b.cd", "a@b.cd", Builtin::Email);
+        is("4222222222222", "4222222222222", Builtin::Card);
+        is("NO9386011117947", "NO9386011117947", Builtin::Iban);
+        // ...of the detectors that are on.
+        let aws = Detectors::new(&[Builtin::AwsKey], &[]).unwrap();
+        assert_eq!(aws.min.literal, 20);
+        assert_eq!(
+            found(&aws, "AKIAIOSFODNN7EXAMPLE"),
+            [("AKIAIOSFODNN7EXAMPLE".into(), Kind::Builtin(Builtin::AwsKey))]
+        );
+        let card = Detectors::new(&[Builtin::Card, Builtin::Email], &[]).unwrap();
+        assert_eq!((card.min.literal, card.min.digits), (usize::MAX, CARD_MIN_DIGITS));
+        assert_eq!(found(&card, "4222222222222"), [("4222222222222".into(), Kind::Builtin(Builtin::Card))]);
+        let emp = CustomDetector { name: "emp".into(), pattern: r"\bEMP-[0-9]{6}\b".into() };
+        let custom = Detectors::new(&[], &[(0, &emp)]).unwrap();
+        assert_eq!(custom.min.custom, 10);
+        assert_eq!(found(&custom, "EMP-123456"), [("EMP-123456".into(), Kind::Custom(0))]);
+        // A pattern with an empty match somewhere (not in empty text, which
+        // policy validation refuses) skips nothing.
+        let any = CustomDetector { name: "any".into(), pattern: r"x|\b".into() };
+        assert_eq!(Detectors::new(&[], &[(0, &any)]).unwrap().min.custom, 0);
     }
 
     #[test]
