@@ -104,6 +104,7 @@ impl Pat {
                 r#"(?i:(?:(?:api|secret|private)[_\-]?)?(?:key|secret|token|password|passwd|pwd))["']?\s*[:=]\s*["']?([^\s"'`,;&<>\x00]{8,})"#
             }
             Pat::AwsKeyId => r"\b(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b",
+            // Matched by `email_end`; this is what it must agree with.
             Pat::Email => r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}",
             Pat::Iban => r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b",
         }
@@ -296,10 +297,12 @@ impl Detectors {
     pub fn new(builtins: &[Builtin], custom: &[(usize, &CustomDetector)]) -> Result<Detectors, DetectError> {
         let pats: Vec<Pat> = Pat::ALL.iter().copied().filter(|p| builtins.contains(&p.builtin())).collect();
         let mut pid = [None; Pat::ALL.len()];
-        for (i, p) in pats.iter().enumerate() {
+        // Emails are matched by `email_end`, the rest by the automaton.
+        let regex_pats: Vec<Pat> = pats.iter().copied().filter(|p| *p != Pat::Email).collect();
+        for (i, p) in regex_pats.iter().enumerate() {
             pid[pat_index(*p)] = Some(PatternID::must(i));
         }
-        let sources: Vec<&str> = pats.iter().map(|p| p.source()).collect();
+        let sources: Vec<&str> = regex_pats.iter().map(|p| p.source()).collect();
         let anchored = if sources.is_empty() { None } else { Some(build(&sources)?) };
         let mut literals: Vec<String> = Vec::new();
         let mut literal_pats: Vec<Vec<Pat>> = Vec::new();
@@ -357,7 +360,7 @@ impl Detectors {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.anchored.is_none() && self.custom.is_none() && !self.card
+        self.anchored.is_none() && self.custom.is_none() && !self.card && !self.email
     }
 
     pub fn scratch(&self) -> Scratch {
@@ -465,7 +468,9 @@ impl Detectors {
                     if at_sign <= last_end {
                         continue;
                     }
-                    self.try_pat(scratch.anchored.as_mut(), text, c.at.max(last_end), Pat::Email)
+                    let at = c.at.max(last_end);
+                    let kind = Kind::Builtin(Builtin::Email);
+                    email_end(text, at).map(|e| (Found { start: at, end: e, kind, context: at }, e))
                 }
                 _ if c.at < last_end => continue,
                 CandKind::Card(end) => card_run(text, c.at, end)
@@ -524,6 +529,41 @@ impl Detectors {
         };
         Some((Found { start: a, end: b, kind, context: s }, e))
     }
+}
+
+/// Where the email that [`Pat::Email`]'s pattern matches anchored at `at`
+/// ends. Worked out here rather than by the automaton: every row holds an
+/// email or two, and starting the lazy DFA cost more than the match.
+///
+/// The local part is the run of local characters, and must reach an `@`.
+/// The domain is labels (runs of letters, digits and `-`) joined by single
+/// dots; the pattern's greedy repetition makes the match end after the
+/// leading letters of the last label after the first that starts with two
+/// letters (`a@b.cd9` is `a@b.cd`).
+fn email_end(text: &[u8], at: usize) -> Option<usize> {
+    let local = text[at..].iter().position(|&b| !is_local(b)).map_or(text.len(), |k| at + k);
+    if local == at || text.get(local) != Some(&b'@') {
+        return None;
+    }
+    let is_label = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-';
+    let mut end = None;
+    let mut i = local + 1;
+    for n in 0.. {
+        let label = text[i..].iter().take_while(|b| is_label(b)).count();
+        if label == 0 {
+            break;
+        }
+        let letters = text[i..i + label].iter().take_while(|b| b.is_ascii_alphabetic()).count();
+        if n > 0 && letters >= 2 {
+            end = Some(i + letters);
+        }
+        i += label;
+        if text.get(i) != Some(&b'.') {
+            break;
+        }
+        i += 1;
+    }
+    end
 }
 
 /// For a `key` at `at`: the start of `api_key`, `secret-key`, `privateKey`
@@ -981,6 +1021,52 @@ mod tests {
         // policy validation refuses) skips nothing.
         let any = CustomDetector { name: "any".into(), pattern: r"x|\b".into() };
         assert_eq!(Detectors::new(&[], &[(0, &any)]).unwrap().min.custom, 0);
+    }
+
+    #[test]
+    fn email_end_matches_the_pattern_anchored_anywhere() {
+        let re = build(&[Pat::Email.source()]).unwrap();
+        let mut cache = re.create_cache();
+        let mut check = |text: &[u8]| {
+            for at in 0..=text.len() {
+                let input = Input::new(text).range(at..).anchored(Anchored::Yes);
+                let want = re.search_with(&mut cache, &input).map(|m| m.end());
+                assert_eq!(email_end(text, at), want, "{:?} at {at}", String::from_utf8_lossy(text));
+            }
+        };
+        for text in [
+            &b"a@b.cd"[..],
+            b"a@b.c",
+            b"a@b.cd9",
+            b"a@b.c9.de",
+            b"a@b.de.c9",
+            b"a@b..cd",
+            b"a@.b.cd",
+            b"a@b.cd.",
+            b"a.b+c%d_e-f@x-y.z.co.uk!",
+            b"@b.cd",
+            b"a@@b.cd",
+            b"a b@c.de",
+            b"a@b.c-d.e",
+            b"x@1.23.ab4.c",
+            b"\xffa@b.cd\xc3",
+        ] {
+            check(text);
+        }
+        // Every string of up to 6 characters over an alphabet that covers
+        // each class the pattern tells apart.
+        let alphabet = b"aZ9.-@_ \xe9";
+        let mut text = Vec::new();
+        for len in 0..=6u32 {
+            for mut n in 0..alphabet.len().pow(len) {
+                text.clear();
+                for _ in 0..len {
+                    text.push(alphabet[n % alphabet.len()]);
+                    n /= alphabet.len();
+                }
+                check(&text);
+            }
+        }
     }
 
     #[test]
