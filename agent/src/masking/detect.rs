@@ -584,18 +584,13 @@ fn key_prefix(text: &[u8], at: usize) -> Option<usize> {
 fn digit_runs(text: &[u8], mut f: impl FnMut(usize, usize, usize)) {
     let n = text.len();
     let mut i = 0;
-    while i < n {
-        match next_digit(text, i) {
-            None => return,
-            Some(k) => i = k,
-        }
-        let start = i;
+    while let Some(start) = next_digit(text, i) {
+        i = start;
         let mut digits = 0;
         loop {
-            while i < n && text[i].is_ascii_digit() {
-                i += 1;
-                digits += 1;
-            }
+            let end = digits_end(text, i);
+            digits += end - i;
+            i = end;
             if i + 1 < n && (text[i] == b' ' || text[i] == b'-') && text[i + 1].is_ascii_digit() {
                 i += 1;
             } else {
@@ -606,20 +601,46 @@ fn digit_runs(text: &[u8], mut f: impl FnMut(usize, usize, usize)) {
     }
 }
 
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = ONES * 0x80;
+
+/// The high bit of each byte of `w` that is an ASCII digit, exactly.
+fn digit_bits(w: u64) -> u64 {
+    // Digits become 0..=9. A byte is below 10 when its high bit is clear
+    // and its low seven bits are below 10; setting the high bit before
+    // subtracting keeps bytes from borrowing from each other.
+    let t = w ^ (ONES * 0x30);
+    !((t | HIGH) - ONES * 10) & !t & HIGH
+}
+
+fn word_at(text: &[u8], at: usize) -> Option<u64> {
+    text.get(at..at + 8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+}
+
 /// The offset of the first ASCII digit at or after `from`, eight bytes at a
 /// time (most text has few digits).
 fn next_digit(text: &[u8], mut from: usize) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    while from + 8 <= text.len() {
-        let w = u64::from_le_bytes(text[from..from + 8].try_into().expect("8 bytes"));
-        // Digits become 0..=9; a byte below 10 sets its high bit here.
-        let t = w ^ (ONES * 0x30);
-        if t.wrapping_sub(ONES * 10) & !t & (ONES * 0x80) != 0 {
-            break;
+    while let Some(w) = word_at(text, from) {
+        let d = digit_bits(w);
+        if d != 0 {
+            return Some(from + d.trailing_zeros() as usize / 8);
         }
         from += 8;
     }
     text[from..].iter().position(u8::is_ascii_digit).map(|k| from + k)
+}
+
+/// The end of the run of ASCII digits at `from`, eight bytes at a time
+/// (rows are full of numbers, ids, dates and phone numbers).
+fn digits_end(text: &[u8], mut from: usize) -> usize {
+    while let Some(w) = word_at(text, from) {
+        let other = !digit_bits(w) & HIGH;
+        if other != 0 {
+            return from + other.trailing_zeros() as usize / 8;
+        }
+        from += 8;
+    }
+    text[from..].iter().position(|b| !b.is_ascii_digit()).map_or(text.len(), |k| from + k)
 }
 
 /// A card in the digit run `start..end`, with the word boundaries the
@@ -992,6 +1013,47 @@ mod tests {
         }
         assert_eq!(next_digit(b"abcdefghijklmnop9", 0), Some(16));
         assert_eq!(next_digit(b"abcdefghijklmnopq", 0), None);
+    }
+
+    #[test]
+    fn digit_bits_are_exact_for_every_byte_in_every_lane() {
+        for b in 0..=255u8 {
+            for lane in 0..8 {
+                // The byte among others that are digits, and among others
+                // that are not (no borrow may leak between bytes).
+                for fill in [b'5', b'/', b':', 0xb0, 0] {
+                    let mut bytes = [fill; 8];
+                    bytes[lane] = b;
+                    let want =
+                        bytes.iter().enumerate().fold(
+                            0u64,
+                            |m, (i, c)| {
+                                if c.is_ascii_digit() {
+                                    m | 0x80 << (8 * i)
+                                } else {
+                                    m
+                                }
+                            },
+                        );
+                    assert_eq!(digit_bits(u64::from_le_bytes(bytes)), want, "{b:#x} in lane {lane} among {fill:#x}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn digits_end_at_any_offset_and_length() {
+        for len in 0..40 {
+            for from in 0..20 {
+                let mut text = vec![b'x'; from];
+                text.extend(std::iter::repeat_n(b'7', len));
+                text.extend_from_slice(b"-9 x");
+                let want = from + len;
+                assert_eq!(digits_end(&text, from), want, "{len} digits at {from}");
+                text.truncate(from + len);
+                assert_eq!(digits_end(&text, from), want, "{len} digits at {from}, at the end");
+            }
+        }
     }
 
     #[test]
