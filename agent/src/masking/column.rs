@@ -238,18 +238,20 @@ impl SessionMasker {
         if count < 0 || count as usize != plan.fields.len() {
             return Err(RowError::FieldCount { got: count.max(0) as usize, want: plan.fields.len() });
         }
-        // Where each value lies in `body` (None: NULL).
-        let mut spans: Vec<Option<(usize, usize)>> = Vec::with_capacity(plan.fields.len());
+        // Where each value lies in `body` (None: NULL). The buffers are
+        // the session's, kept from row to row: no allocation per row.
+        let mut spans = std::mem::take(&mut self.row.spans);
+        spans.clear();
         let mut pos = 2;
         for _ in &plan.fields {
             let len = i32::from_be_bytes(body.get(pos..pos + 4).ok_or(RowError::Malformed)?.try_into().expect("4"));
             pos += 4;
             if len < 0 {
-                spans.push(None);
+                spans.push(ValueSpan { body: None, joined: None });
                 continue;
             }
             let end = pos.checked_add(len as usize).filter(|&e| e <= body.len()).ok_or(RowError::Malformed)?;
-            spans.push(Some((pos, end)));
+            spans.push(ValueSpan { body: Some((pos, end)), joined: None });
             pos = end;
         }
         if pos != body.len() {
@@ -257,14 +259,13 @@ impl SessionMasker {
         }
         // The text values to scan, scanned together: joined by NUL, which
         // no built-in pattern crosses, so one pass serves the whole row.
-        let mut joined = std::mem::take(&mut self.row_text);
+        let mut joined = std::mem::take(&mut self.row.text);
         joined.clear();
-        let mut at: Vec<Option<(usize, usize)>> = vec![None; spans.len()];
         if self.scans_text() {
-            for (i, (f, span)) in plan.fields.iter().zip(&spans).enumerate() {
-                if let (None, ValueKind::Text | ValueKind::OtherText, Some((a, b))) = (&f.column, f.kind, span) {
-                    at[i] = Some((joined.len(), joined.len() + (b - a)));
-                    joined.extend_from_slice(&body[*a..*b]);
+            for (f, span) in plan.fields.iter().zip(spans.iter_mut()) {
+                if let (None, ValueKind::Text | ValueKind::OtherText, Some((a, b))) = (&f.column, f.kind, span.body) {
+                    span.joined = Some((joined.len(), joined.len() + (b - a)));
+                    joined.extend_from_slice(&body[a..b]);
                     joined.push(0);
                 }
             }
@@ -279,16 +280,16 @@ impl SessionMasker {
         }
         out.extend_from_slice(&body[..2]);
         let mut changed = false;
-        let mut value_buf = Vec::new();
+        let mut value_buf = std::mem::take(&mut self.row.value);
         let mut next = 0; // index into `found`
-        for (i, f) in plan.fields.iter().enumerate() {
-            let Some((a, b)) = spans[i] else {
+        for (f, span) in plan.fields.iter().zip(&spans) {
+            let Some((a, b)) = span.body else {
                 out.extend_from_slice(&(-1i32).to_be_bytes());
                 continue;
             };
             let value = &body[a..b];
             value_buf.clear();
-            let field = match at[i] {
+            let field = match span.joined {
                 Some((ja, jb)) if batched => {
                     let first = next;
                     while next < found.len() && found[next].start < jb {
@@ -326,7 +327,7 @@ impl SessionMasker {
         }
         found.clear();
         self.found = found;
-        self.row_text = joined;
+        self.row = RowScratch { text: joined, spans, value: value_buf };
         Ok(changed)
     }
 
@@ -375,6 +376,24 @@ enum Field {
     Keep,
     Null,
     Replace,
+}
+
+/// Where a DataRow value lies: in the body, and in the joined text when it
+/// is scanned there.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ValueSpan {
+    body: Option<(usize, usize)>,
+    joined: Option<(usize, usize)>,
+}
+
+/// A session's buffers for rewriting rows, reused from row to row.
+#[derive(Debug, Default)]
+pub(super) struct RowScratch {
+    /// The row's text values, joined for one scan.
+    text: Vec<u8>,
+    spans: Vec<ValueSpan>,
+    /// One masked value.
+    value: Vec<u8>,
 }
 
 /// Builds a DataRow body (tests and benchmarks).

@@ -1,19 +1,21 @@
 //! Value detectors. One pass of cheap triggers over the text finds where a
 //! secret may start: `@` (memchr) for emails, a run of digits for cards and
-//! IBANs, and one Aho-Corasick automaton (SIMD) for every literal a built-in
-//! pattern begins with (`-----BEGIN `, `eyJ`, `ghp_`, `AKIA`, `Bearer`,
-//! `password`...). At each trigger the detector's pattern runs anchored there
-//! (one multi-pattern automaton holds them all), then validators (Luhn,
-//! mod-97, JWT header) keep false positives out. Custom detectors run as one
-//! more multi-pattern automaton over the text.
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind as AcMatchKind};
+//! IBANs, and one literal search (SIMD; the `literals` module) for every
+//! literal a built-in pattern begins with (`-----BEGIN `, `eyJ`, `ghp_`,
+//! `AKIA`, `Bearer`, `password`...). At each trigger the detector's pattern
+//! runs anchored there (one multi-pattern automaton holds them all), then
+//! validators (Luhn, mod-97, JWT header) keep false positives out. Custom
+//! detectors run as one more multi-pattern automaton over the text.
 use regex_automata::{
     meta::{self, Regex},
     util::{captures::Captures, syntax},
     Anchored, Input, MatchKind, PatternID,
 };
 
-use super::spec::{Builtin, CustomDetector};
+use super::{
+    literals::Literals,
+    spec::{Builtin, CustomDetector},
+};
 
 /// What found a match: a built-in detector or the index of a custom one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -102,6 +104,7 @@ impl Pat {
                 r#"(?i:(?:(?:api|secret|private)[_\-]?)?(?:key|secret|token|password|passwd|pwd))["']?\s*[:=]\s*["']?([^\s"'`,;&<>\x00]{8,})"#
             }
             Pat::AwsKeyId => r"\b(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b",
+            // Matched by `email_end`; this is what it must agree with.
             Pat::Email => r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}",
             Pat::Iban => r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b",
         }
@@ -217,7 +220,7 @@ pub struct Detectors {
     /// Pattern id in `anchored` of each enabled `Pat` (by `Pat::ALL` index).
     pid: [Option<PatternID>; Pat::ALL.len()],
     /// Trigger literals, and the patterns each may start, tried in order.
-    literals: Option<AhoCorasick>,
+    literals: Option<Literals>,
     literal_pats: Vec<Vec<Pat>>,
     email: bool,
     card: bool,
@@ -225,6 +228,30 @@ pub struct Detectors {
     custom: Option<Regex>,
     custom_index: Vec<usize>,
     custom_group: Vec<bool>,
+    /// The shortest text each scan can find something in, from the
+    /// patterns themselves: a shorter value skips that scan (most values
+    /// are short, and starting a scan is most of what it costs on them).
+    min: MinLen,
+}
+
+/// Shortest match lengths, in bytes.
+#[derive(Debug, Clone, Copy)]
+struct MinLen {
+    /// Of the patterns the trigger literals start.
+    literal: usize,
+    email: usize,
+    /// Of cards and IBANs (the digit-run scan).
+    digits: usize,
+    custom: usize,
+}
+
+/// A card has at least this many digits (see [`card_in`]).
+const CARD_MIN_DIGITS: usize = 13;
+
+/// The length of the shortest text `source` can match (0 if unknown, so
+/// nothing is skipped).
+fn min_len(source: &str) -> usize {
+    syntax::parse_with(source, &syntax_config()).ok().and_then(|h| h.properties().minimum_len()).unwrap_or(0)
 }
 
 impl std::fmt::Debug for Detectors {
@@ -270,10 +297,12 @@ impl Detectors {
     pub fn new(builtins: &[Builtin], custom: &[(usize, &CustomDetector)]) -> Result<Detectors, DetectError> {
         let pats: Vec<Pat> = Pat::ALL.iter().copied().filter(|p| builtins.contains(&p.builtin())).collect();
         let mut pid = [None; Pat::ALL.len()];
-        for (i, p) in pats.iter().enumerate() {
+        // Emails are matched by `email_end`, the rest by the automaton.
+        let regex_pats: Vec<Pat> = pats.iter().copied().filter(|p| *p != Pat::Email).collect();
+        for (i, p) in regex_pats.iter().enumerate() {
             pid[pat_index(*p)] = Some(PatternID::must(i));
         }
-        let sources: Vec<&str> = pats.iter().map(|p| p.source()).collect();
+        let sources: Vec<&str> = regex_pats.iter().map(|p| p.source()).collect();
         let anchored = if sources.is_empty() { None } else { Some(build(&sources)?) };
         let mut literals: Vec<String> = Vec::new();
         let mut literal_pats: Vec<Vec<Pat>> = Vec::new();
@@ -288,12 +317,7 @@ impl Detectors {
                 }
             }
         }
-        let literals = (!literals.is_empty()).then(|| {
-            AhoCorasickBuilder::new()
-                .match_kind(AcMatchKind::LeftmostLongest)
-                .build(&literals)
-                .expect("literal triggers always build")
-        });
+        let literals = Literals::new(&literals);
         let mut custom_sources = Vec::new();
         let mut custom_index = Vec::new();
         let mut custom_group = Vec::new();
@@ -309,22 +333,34 @@ impl Detectors {
             custom_group.push(groups > 1);
         }
         let custom = if custom_sources.is_empty() { None } else { Some(build(&custom_sources)?) };
+        let card = builtins.contains(&Builtin::Card);
+        let iban = builtins.contains(&Builtin::Iban);
+        // usize::MAX where a scan is off.
+        let shortest = |sources: &mut dyn Iterator<Item = &str>| sources.map(min_len).min().unwrap_or(usize::MAX);
+        let card_min = if card { CARD_MIN_DIGITS } else { usize::MAX };
+        let min = MinLen {
+            literal: shortest(&mut pats.iter().filter(|p| !p.triggers().is_empty()).map(|p| p.source())),
+            email: min_len(Pat::Email.source()),
+            digits: shortest(&mut pats.iter().filter(|p| **p == Pat::Iban).map(|p| p.source())).min(card_min),
+            custom: shortest(&mut custom_sources.iter().copied()),
+        };
         Ok(Detectors {
             anchored,
             pid,
             literals,
             literal_pats,
             email: builtins.contains(&Builtin::Email),
-            card: builtins.contains(&Builtin::Card),
-            iban: builtins.contains(&Builtin::Iban),
+            card,
+            iban,
             custom,
             custom_index,
             custom_group,
+            min,
         })
     }
 
     pub fn is_empty(&self) -> bool {
-        self.anchored.is_none() && self.custom.is_none() && !self.card
+        self.anchored.is_none() && self.custom.is_none() && !self.card && !self.email
     }
 
     pub fn scratch(&self) -> Scratch {
@@ -342,7 +378,9 @@ impl Detectors {
     pub fn find(&self, scratch: &mut Scratch, text: &[u8], out: &mut Vec<Found>) {
         let first = out.len();
         self.find_builtin(scratch, text, out);
-        if let (Some(re), Some((cache, caps))) = (&self.custom, &mut scratch.custom) {
+        if let (Some(re), Some((cache, caps)), true) =
+            (&self.custom, &mut scratch.custom, text.len() >= self.min.custom)
+        {
             let found = &mut scratch.custom_found;
             found.clear();
             let mut at = 0;
@@ -380,8 +418,8 @@ impl Detectors {
     fn find_builtin(&self, scratch: &mut Scratch, text: &[u8], out: &mut Vec<Found>) {
         let cands = &mut scratch.cands;
         cands.clear();
-        if let Some(ac) = &self.literals {
-            for m in ac.find_iter(text) {
+        if let Some(lits) = self.literals.as_ref().filter(|_| text.len() >= self.min.literal) {
+            for m in lits.find_iter(text) {
                 let mut at = m.start();
                 if text[m.start()..m.end()].eq_ignore_ascii_case(b"key") {
                     // Only `api_key`, `secret-key`, `privateKey` and the like.
@@ -393,7 +431,7 @@ impl Detectors {
                 cands.push(Cand { at, what: CandKind::Literal(m.pattern().as_usize()) });
             }
         }
-        if self.email {
+        if self.email && text.len() >= self.min.email {
             for p in memchr::memchr_iter(b'@', text) {
                 let mut a = p;
                 while a > 0 && is_local(text[a - 1]) {
@@ -404,7 +442,7 @@ impl Detectors {
                 }
             }
         }
-        if self.card || self.iban {
+        if (self.card || self.iban) && text.len() >= self.min.digits {
             digit_runs(text, |start, end, digits| {
                 if self.iban
                     && start >= 2
@@ -430,7 +468,9 @@ impl Detectors {
                     if at_sign <= last_end {
                         continue;
                     }
-                    self.try_pat(scratch.anchored.as_mut(), text, c.at.max(last_end), Pat::Email)
+                    let at = c.at.max(last_end);
+                    let kind = Kind::Builtin(Builtin::Email);
+                    email_end(text, at).map(|e| (Found { start: at, end: e, kind, context: at }, e))
                 }
                 _ if c.at < last_end => continue,
                 CandKind::Card(end) => card_run(text, c.at, end)
@@ -491,6 +531,41 @@ impl Detectors {
     }
 }
 
+/// Where the email that [`Pat::Email`]'s pattern matches anchored at `at`
+/// ends. Worked out here rather than by the automaton: every row holds an
+/// email or two, and starting the lazy DFA cost more than the match.
+///
+/// The local part is the run of local characters, and must reach an `@`.
+/// The domain is labels (runs of letters, digits and `-`) joined by single
+/// dots; the pattern's greedy repetition makes the match end after the
+/// leading letters of the last label after the first that starts with two
+/// letters (`a@b.cd9` is `a@b.cd`).
+fn email_end(text: &[u8], at: usize) -> Option<usize> {
+    let local = text[at..].iter().position(|&b| !is_local(b)).map_or(text.len(), |k| at + k);
+    if local == at || text.get(local) != Some(&b'@') {
+        return None;
+    }
+    let is_label = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-';
+    let mut end = None;
+    let mut i = local + 1;
+    for n in 0.. {
+        let label = text[i..].iter().take_while(|b| is_label(b)).count();
+        if label == 0 {
+            break;
+        }
+        let letters = text[i..i + label].iter().take_while(|b| b.is_ascii_alphabetic()).count();
+        if n > 0 && letters >= 2 {
+            end = Some(i + letters);
+        }
+        i += label;
+        if text.get(i) != Some(&b'.') {
+            break;
+        }
+        i += 1;
+    }
+    end
+}
+
 /// For a `key` at `at`: the start of `api_key`, `secret-key`, `privateKey`
 /// and the like, if that is what it is.
 fn key_prefix(text: &[u8], at: usize) -> Option<usize> {
@@ -509,18 +584,13 @@ fn key_prefix(text: &[u8], at: usize) -> Option<usize> {
 fn digit_runs(text: &[u8], mut f: impl FnMut(usize, usize, usize)) {
     let n = text.len();
     let mut i = 0;
-    while i < n {
-        match next_digit(text, i) {
-            None => return,
-            Some(k) => i = k,
-        }
-        let start = i;
+    while let Some(start) = next_digit(text, i) {
+        i = start;
         let mut digits = 0;
         loop {
-            while i < n && text[i].is_ascii_digit() {
-                i += 1;
-                digits += 1;
-            }
+            let end = digits_end(text, i);
+            digits += end - i;
+            i = end;
             if i + 1 < n && (text[i] == b' ' || text[i] == b'-') && text[i + 1].is_ascii_digit() {
                 i += 1;
             } else {
@@ -531,20 +601,46 @@ fn digit_runs(text: &[u8], mut f: impl FnMut(usize, usize, usize)) {
     }
 }
 
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = ONES * 0x80;
+
+/// The high bit of each byte of `w` that is an ASCII digit, exactly.
+fn digit_bits(w: u64) -> u64 {
+    // Digits become 0..=9. A byte is below 10 when its high bit is clear
+    // and its low seven bits are below 10; setting the high bit before
+    // subtracting keeps bytes from borrowing from each other.
+    let t = w ^ (ONES * 0x30);
+    !((t | HIGH) - ONES * 10) & !t & HIGH
+}
+
+fn word_at(text: &[u8], at: usize) -> Option<u64> {
+    text.get(at..at + 8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+}
+
 /// The offset of the first ASCII digit at or after `from`, eight bytes at a
 /// time (most text has few digits).
 fn next_digit(text: &[u8], mut from: usize) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    while from + 8 <= text.len() {
-        let w = u64::from_le_bytes(text[from..from + 8].try_into().expect("8 bytes"));
-        // Digits become 0..=9; a byte below 10 sets its high bit here.
-        let t = w ^ (ONES * 0x30);
-        if t.wrapping_sub(ONES * 10) & !t & (ONES * 0x80) != 0 {
-            break;
+    while let Some(w) = word_at(text, from) {
+        let d = digit_bits(w);
+        if d != 0 {
+            return Some(from + d.trailing_zeros() as usize / 8);
         }
         from += 8;
     }
     text[from..].iter().position(u8::is_ascii_digit).map(|k| from + k)
+}
+
+/// The end of the run of ASCII digits at `from`, eight bytes at a time
+/// (rows are full of numbers, ids, dates and phone numbers).
+fn digits_end(text: &[u8], mut from: usize) -> usize {
+    while let Some(w) = word_at(text, from) {
+        let other = !digit_bits(w) & HIGH;
+        if other != 0 {
+            return from + other.trailing_zeros() as usize / 8;
+        }
+        from += 8;
+    }
+    text[from..].iter().position(|b| !b.is_ascii_digit()).map_or(text.len(), |k| from + k)
 }
 
 /// A card in the digit run `start..end`, with the word boundaries the
@@ -917,6 +1013,122 @@ mod tests {
         }
         assert_eq!(next_digit(b"abcdefghijklmnop9", 0), Some(16));
         assert_eq!(next_digit(b"abcdefghijklmnopq", 0), None);
+    }
+
+    #[test]
+    fn digit_bits_are_exact_for_every_byte_in_every_lane() {
+        for b in 0..=255u8 {
+            for lane in 0..8 {
+                // The byte among others that are digits, and among others
+                // that are not (no borrow may leak between bytes).
+                for fill in [b'5', b'/', b':', 0xb0, 0] {
+                    let mut bytes = [fill; 8];
+                    bytes[lane] = b;
+                    let want =
+                        bytes.iter().enumerate().fold(
+                            0u64,
+                            |m, (i, c)| {
+                                if c.is_ascii_digit() {
+                                    m | 0x80 << (8 * i)
+                                } else {
+                                    m
+                                }
+                            },
+                        );
+                    assert_eq!(digit_bits(u64::from_le_bytes(bytes)), want, "{b:#x} in lane {lane} among {fill:#x}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn digits_end_at_any_offset_and_length() {
+        for len in 0..40 {
+            for from in 0..20 {
+                let mut text = vec![b'x'; from];
+                text.extend(std::iter::repeat_n(b'7', len));
+                text.extend_from_slice(b"-9 x");
+                let want = from + len;
+                assert_eq!(digits_end(&text, from), want, "{len} digits at {from}");
+                text.truncate(from + len);
+                assert_eq!(digits_end(&text, from), want, "{len} digits at {from}, at the end");
+            }
+        }
+    }
+
+    #[test]
+    fn texts_as_short_as_a_match_are_still_scanned() {
+        let d = all();
+        // Each scan's gate sits at its shortest possible match...
+        assert_eq!((d.min.literal, d.min.email, d.min.digits), (12, 6, 12));
+        is("pwd=12345678", "12345678", Builtin::Token);
+        is("a@b.cd", "a@b.cd", Builtin::Email);
+        is("4222222222222", "4222222222222", Builtin::Card);
+        is("NO9386011117947", "NO9386011117947", Builtin::Iban);
+        // ...of the detectors that are on.
+        let aws = Detectors::new(&[Builtin::AwsKey], &[]).unwrap();
+        assert_eq!(aws.min.literal, 20);
+        assert_eq!(
+            found(&aws, "AKIAIOSFODNN7EXAMPLE"),
+            [("AKIAIOSFODNN7EXAMPLE".into(), Kind::Builtin(Builtin::AwsKey))]
+        );
+        let card = Detectors::new(&[Builtin::Card, Builtin::Email], &[]).unwrap();
+        assert_eq!((card.min.literal, card.min.digits), (usize::MAX, CARD_MIN_DIGITS));
+        assert_eq!(found(&card, "4222222222222"), [("4222222222222".into(), Kind::Builtin(Builtin::Card))]);
+        let emp = CustomDetector { name: "emp".into(), pattern: r"\bEMP-[0-9]{6}\b".into() };
+        let custom = Detectors::new(&[], &[(0, &emp)]).unwrap();
+        assert_eq!(custom.min.custom, 10);
+        assert_eq!(found(&custom, "EMP-123456"), [("EMP-123456".into(), Kind::Custom(0))]);
+        // A pattern with an empty match somewhere (not in empty text, which
+        // policy validation refuses) skips nothing.
+        let any = CustomDetector { name: "any".into(), pattern: r"x|\b".into() };
+        assert_eq!(Detectors::new(&[], &[(0, &any)]).unwrap().min.custom, 0);
+    }
+
+    #[test]
+    fn email_end_matches_the_pattern_anchored_anywhere() {
+        let re = build(&[Pat::Email.source()]).unwrap();
+        let mut cache = re.create_cache();
+        let mut check = |text: &[u8]| {
+            for at in 0..=text.len() {
+                let input = Input::new(text).range(at..).anchored(Anchored::Yes);
+                let want = re.search_with(&mut cache, &input).map(|m| m.end());
+                assert_eq!(email_end(text, at), want, "{:?} at {at}", String::from_utf8_lossy(text));
+            }
+        };
+        for text in [
+            &b"a@b.cd"[..],
+            b"a@b.c",
+            b"a@b.cd9",
+            b"a@b.c9.de",
+            b"a@b.de.c9",
+            b"a@b..cd",
+            b"a@.b.cd",
+            b"a@b.cd.",
+            b"a.b+c%d_e-f@x-y.z.co.uk!",
+            b"@b.cd",
+            b"a@@b.cd",
+            b"a b@c.de",
+            b"a@b.c-d.e",
+            b"x@1.23.ab4.c",
+            b"\xffa@b.cd\xc3",
+        ] {
+            check(text);
+        }
+        // Every string of up to 6 characters over an alphabet that covers
+        // each class the pattern tells apart.
+        let alphabet = b"aZ9.-@_ \xe9";
+        let mut text = Vec::new();
+        for len in 0..=6u32 {
+            for mut n in 0..alphabet.len().pow(len) {
+                text.clear();
+                for _ in 0..len {
+                    text.push(alphabet[n % alphabet.len()]);
+                    n /= alphabet.len();
+                }
+                check(&text);
+            }
+        }
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! decoded, so `"\u0061lice@x.io"` is an email like any other; members named
 //! by `json:` entries are masked whole; everything else is copied byte for
 //! byte. A document that does not parse is masked as plain text.
+use std::borrow::Cow;
+
 use super::{NullAs, Outcome, SessionMasker, Whole};
 
 /// Nesting deeper than this is treated as text.
@@ -98,7 +100,7 @@ impl Walker<'_, '_> {
             // The key, decoded, names the member for `json:` entries.
             let key_start = self.pos;
             self.string(NullAs::Remove)?;
-            let key = decode(&self.src[key_start + 1..self.pos - 1]).ok_or(NotJson)?;
+            let key = decoded(&self.src[key_start + 1..self.pos - 1]).ok_or(NotJson)?;
             self.ws();
             self.expect(b':')?;
             self.ws();
@@ -227,6 +229,16 @@ impl Walker<'_, '_> {
             }
         }
         Ok(())
+    }
+}
+
+/// [`decode`], without a copy when there is nothing to decode (most member
+/// names).
+fn decoded(raw: &[u8]) -> Option<Cow<'_, [u8]>> {
+    if raw.contains(&b'\\') {
+        decode(raw).map(Cow::Owned)
+    } else {
+        Some(Cow::Borrowed(raw))
     }
 }
 

@@ -20,6 +20,7 @@
 pub mod column;
 pub mod detect;
 pub mod json;
+mod literals;
 pub mod mode;
 pub mod secrets;
 pub mod spec;
@@ -196,8 +197,7 @@ pub struct SessionMasker {
     shared: Arc<Shared>,
     scratch: Option<Scratch>,
     found: Vec<Found>,
-    /// A row's text values, joined for one scan.
-    row_text: Vec<u8>,
+    row: column::RowScratch,
 }
 
 impl Clone for SessionMasker {
@@ -241,7 +241,7 @@ impl SessionMasker {
 
     fn from_shared(shared: Arc<Shared>) -> SessionMasker {
         let scratch = shared.plan.detectors.as_ref().map(Detectors::scratch);
-        SessionMasker { shared, scratch, found: Vec::new(), row_text: Vec::new() }
+        SessionMasker { shared, scratch, found: Vec::new(), row: Default::default() }
     }
 
     pub fn plan(&self) -> &Plan {

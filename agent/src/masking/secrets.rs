@@ -1,11 +1,13 @@
 //! A target's own injected credentials, found in anything flowing back:
 //! raw, base64 (standard and URL-safe, at any alignment inside a longer
 //! encoding, so `user:password` in a Basic header is caught), percent- and
-//! form-encoded, and JSON-escaped. One Aho-Corasick pass over all forms.
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+//! form-encoded, and JSON-escaped. One literal search over all forms.
 use base64::Engine;
 
-use super::detect::{Found, Kind};
+use super::{
+    detect::{Found, Kind},
+    literals::Literals,
+};
 
 /// Credentials shorter than this are not searched for: they cannot be told
 /// apart from ordinary data.
@@ -14,7 +16,7 @@ pub const MIN_SECRET_LEN: usize = 4;
 const MIN_FRAGMENT: usize = 8;
 
 pub struct Injected {
-    ac: Option<AhoCorasick>,
+    forms: Option<Literals>,
     longest: usize,
 }
 
@@ -40,17 +42,11 @@ impl Injected {
         forms.sort();
         forms.dedup();
         let longest = forms.iter().map(Vec::len).max().unwrap_or(0);
-        let ac = (!forms.is_empty()).then(|| {
-            AhoCorasickBuilder::new()
-                .match_kind(MatchKind::LeftmostLongest)
-                .build(&forms)
-                .expect("literal patterns always build")
-        });
-        (Injected { ac, longest }, skipped)
+        (Injected { forms: Literals::new(&forms), longest }, skipped)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ac.is_none()
+        self.forms.is_none()
     }
 
     /// The longest form searched for (a stream must hold back at least
@@ -60,8 +56,8 @@ impl Injected {
     }
 
     pub fn find(&self, text: &[u8], out: &mut Vec<Found>) {
-        if let Some(ac) = &self.ac {
-            for m in ac.find_iter(text) {
+        if let Some(forms) = &self.forms {
+            for m in forms.find_iter(text) {
                 out.push(Found { start: m.start(), end: m.end(), kind: Kind::Credential, context: m.start() });
             }
         }
