@@ -511,6 +511,23 @@ async fn route(mut req: hyper::Request<hyper::body::Incoming>, st: Arc<HttpState
         let n = st.progress.lock().unwrap().get(id).copied().unwrap_or(0);
         return text(200, format!("{{\"received\":{n}}}"));
     }
+    if let Some(id) = path.strip_prefix("/events/") {
+        // Server-sent events: one, then (once `/release/ID` is asked) the
+        // second and the end.
+        let gate = st.gate(id);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>>(1);
+        tokio::spawn(async move {
+            let first = format!("data: first, mail {FIXTURE_EVENT_EMAIL}\n\n");
+            let _ = tx.send(Ok(hyper::body::Frame::data(first.into()))).await;
+            gate.notified().await;
+            let _ = tx.send(Ok(hyper::body::Frame::data("data: second\n\n".into()))).await;
+        });
+        return hyper::Response::builder()
+            .status(200)
+            .header("content-type", "text/event-stream")
+            .body(http_body_util::StreamBody::new(tokio_stream(rx)).boxed())
+            .unwrap();
+    }
     if let Some(id) = path.strip_prefix("/release/") {
         st.gate(id).notify_one();
         return text(200, "{}".into());
@@ -937,6 +954,8 @@ async fn git_cgi(req: hyper::Request<hyper::body::Incoming>, ctx: GitCtx) -> hyp
 /// gzip-coded), `echo` (the Authorization the server got, raw, base64 and
 /// percent-encoded, in JSON and in headers).
 pub const FIXTURE_JSON: &str = r#"{"user":{"email":"alice@example.com","card":"4111 1111 1111 1111"},"aws":"AKIAIOSFODNN7EXAMPLE","note":"plain"}"#;
+/// The email in the first event of `/events/ID`.
+pub const FIXTURE_EVENT_EMAIL: &str = "carol@example.net";
 /// The email split across chunks in `/fixture/text`.
 pub const FIXTURE_TEXT_EMAIL: &str = "bob.builder@example.org";
 

@@ -3,11 +3,12 @@
 //! keys masked in JSON, in a text body whose email is split across chunks,
 //! and in a gzip body (sent decoded); another role sees them in clear; the
 //! target's injected token echoed back by the upstream is masked for every
-//! role, in the body and in headers; the audit log holds no clear value.
+//! role, in the body and in headers; the audit log holds no clear value;
+//! server-sent events reach the caller (masked) as they come.
 use portcullis_tests::{
     fixtures::json,
     require_root, require_tool,
-    servers::{HttpServer, FIXTURE_TEXT_EMAIL},
+    servers::{HttpServer, FIXTURE_EVENT_EMAIL, FIXTURE_TEXT_EMAIL},
     Agent,
 };
 
@@ -152,4 +153,39 @@ fn the_injected_token_echoed_back_is_masked_for_every_role() {
     assert_eq!(seen[0].header("authorization"), Some(format!("Bearer {TOKEN}").as_str()));
     let all = agent.audit().iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n");
     assert!(!all.contains(TOKEN));
+}
+
+/// A stream of server-sent events is masked and let out event by event: the
+/// first event reaches the caller while the upstream still holds the rest
+/// (it sends the second only when asked to, after the first arrived).
+#[test]
+fn server_sent_events_come_through_masked_as_they_come() {
+    use std::io::{BufRead, Read, Write};
+    let Some((agent, up)) = start() else { return };
+    let mut child = agent
+        .exec(
+            "masked",
+            &["curl", "-sS", "-N", "--max-time", "60", "--resolve", RESOLVE, "http://api.example.test/events/sse-1"],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run curl");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let _ = tx.send(line.unwrap());
+        }
+    });
+    let first = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("the first event while the stream is open");
+    assert_eq!(first, "data: first, mail <email>");
+    // Only now does the upstream send the rest.
+    let mut release = std::net::TcpStream::connect(up.addr).unwrap();
+    write!(release, "GET /release/sse-1 HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    release.read_to_end(&mut Vec::new()).unwrap();
+    let rest: Vec<String> = rx.iter().collect();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(rest, ["", "data: second", ""], "{rest:?}");
+    let all = agent.audit().iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n");
+    assert!(!all.contains(FIXTURE_EVENT_EMAIL));
 }

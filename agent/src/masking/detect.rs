@@ -232,6 +232,8 @@ pub struct Detectors {
     /// patterns themselves: a shorter value skips that scan (most values
     /// are short, and starting a scan is most of what it costs on them).
     min: MinLen,
+    /// Some custom pattern can match a line break.
+    custom_spans_lines: bool,
 }
 
 /// Shortest match lengths, in bytes.
@@ -252,6 +254,24 @@ const CARD_MIN_DIGITS: usize = 13;
 /// nothing is skipped).
 fn min_len(source: &str) -> usize {
     syntax::parse_with(source, &syntax_config()).ok().and_then(|h| h.properties().minimum_len()).unwrap_or(0)
+}
+
+/// Whether `source` can match text holding a line feed (true when it
+/// cannot be read, to be safe).
+fn spans_lines(source: &str) -> bool {
+    use regex_syntax::hir::{Class, Hir, HirKind};
+    fn walk(h: &Hir) -> bool {
+        match h.kind() {
+            HirKind::Empty | HirKind::Look(_) => false,
+            HirKind::Literal(l) => l.0.contains(&b'\n'),
+            HirKind::Class(Class::Unicode(c)) => c.ranges().iter().any(|r| r.start() <= '\n' && '\n' <= r.end()),
+            HirKind::Class(Class::Bytes(c)) => c.ranges().iter().any(|r| r.start() <= b'\n' && b'\n' <= r.end()),
+            HirKind::Repetition(r) => walk(&r.sub),
+            HirKind::Capture(c) => walk(&c.sub),
+            HirKind::Concat(v) | HirKind::Alternation(v) => v.iter().any(walk),
+        }
+    }
+    syntax::parse_with(source, &syntax_config()).map_or(true, |h| walk(&h))
 }
 
 impl std::fmt::Debug for Detectors {
@@ -332,6 +352,7 @@ impl Detectors {
             custom_index.push(*i);
             custom_group.push(groups > 1);
         }
+        let custom_spans_lines = custom_sources.iter().any(|s| spans_lines(s));
         let custom = if custom_sources.is_empty() { None } else { Some(build(&custom_sources)?) };
         let card = builtins.contains(&Builtin::Card);
         let iban = builtins.contains(&Builtin::Iban);
@@ -356,7 +377,15 @@ impl Detectors {
             custom_index,
             custom_group,
             min,
+            custom_spans_lines,
         })
+    }
+
+    /// Whether a custom pattern can match across a line break (the
+    /// built-in ones that can are caught by probing, see
+    /// `StreamMasker::release_lines`).
+    pub fn custom_spans_lines(&self) -> bool {
+        self.custom_spans_lines
     }
 
     pub fn is_empty(&self) -> bool {
@@ -995,6 +1024,17 @@ mod tests {
                 ("ABC".into(), Kind::Custom(1)),
             ]
         );
+    }
+
+    #[test]
+    fn patterns_that_can_match_a_line_break_are_told_apart() {
+        assert!(!spans_lines(r"\bEMP-[0-9]{6}\b"));
+        assert!(!spans_lines(r"tok_[a-z ]+"));
+        assert!(spans_lines(r"key:\s+\w+"));
+        assert!(spans_lines(r"(?s)BEGIN.*END"));
+        assert!(spans_lines(r"secret=[^;]+"));
+        assert!(spans_lines(r"a\nb"));
+        assert!(!spans_lines(r"(?-s)a.b"));
     }
 
     #[test]

@@ -253,6 +253,14 @@ impl SessionMasker {
         self.shared.plan.detectors.is_some() || !self.shared.injected.is_empty()
     }
 
+    /// Whether a secret this masker looks for may run across a line break,
+    /// other than a built-in's (a custom pattern that can match one, or a
+    /// credential that holds one).
+    pub fn spans_lines(&self) -> bool {
+        self.shared.plan.detectors.as_ref().is_some_and(|d| d.custom_spans_lines())
+            || self.shared.injected.spans_lines()
+    }
+
     /// How far a secret can reach: a stream must hold back at least this.
     pub fn longest_credential(&self) -> usize {
         self.shared.injected.longest()

@@ -18,6 +18,8 @@ const MIN_FRAGMENT: usize = 8;
 pub struct Injected {
     forms: Option<Literals>,
     longest: usize,
+    /// Some form holds a line feed.
+    newline: bool,
 }
 
 impl std::fmt::Debug for Injected {
@@ -42,7 +44,8 @@ impl Injected {
         forms.sort();
         forms.dedup();
         let longest = forms.iter().map(Vec::len).max().unwrap_or(0);
-        (Injected { forms: Literals::new(&forms), longest }, skipped)
+        let newline = forms.iter().any(|f| f.contains(&b'\n'));
+        (Injected { forms: Literals::new(&forms), longest, newline }, skipped)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -53,6 +56,11 @@ impl Injected {
     /// this much).
     pub fn longest(&self) -> usize {
         self.longest
+    }
+
+    /// Whether a credential's form holds a line feed.
+    pub fn spans_lines(&self) -> bool {
+        self.newline
     }
 
     pub fn find(&self, text: &[u8], out: &mut Vec<Found>) {

@@ -7,6 +7,11 @@
 //! block longer than the window waits for its end), up to `max_hold` bytes;
 //! past that, what has come is let out masked and the rest of the match,
 //! as it keeps arriving, is swallowed.
+//!
+//! A stream that trickles (server-sent events, a log followed) would wait
+//! for a window's worth of bytes: when its input pauses, the complete lines
+//! held back are let out ([`StreamMasker::release_lines`]) wherever no
+//! secret can run on past their end.
 use super::{detect::Found, SessionMasker};
 
 /// The default hold-back window.
@@ -19,6 +24,28 @@ pub const MAX_HOLD: usize = 1 << 20;
 /// How much of a let-out match's start is kept to recognise its
 /// continuation.
 const CONTEXT: usize = 1024;
+/// How far back from a line's end a match that could run on into the next
+/// line is looked for.
+const PROBE_LOOKBACK: usize = 4096;
+/// Stand-ins for what may come after a released line's end: a secret whose
+/// pattern lets it run on across the line break (`password:` and the value
+/// on the next line, `Authorization` and its token, a private key's body)
+/// matches into one of them.
+const PROBES: [&[u8]; 2] = [
+    b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    b"=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+];
+
+/// How much of what is held a flush may let out.
+#[derive(Clone, Copy)]
+enum Limit {
+    /// All but the hold-back window.
+    Window,
+    /// Up to this offset of `pending`.
+    At(usize),
+    /// Everything: the stream ended.
+    End,
+}
 
 pub struct StreamMasker {
     m: SessionMasker,
@@ -27,12 +54,16 @@ pub struct StreamMasker {
     pending: Vec<u8>,
     /// The start of a match let out before it ended.
     carry: Option<Vec<u8>>,
+    /// Whether held lines may be let out early (no secret looked for can
+    /// run across a line break unseen).
+    lines: bool,
 }
 
 impl StreamMasker {
     pub(super) fn new(m: SessionMasker, window: usize) -> StreamMasker {
         let window = window.max(2 * m.longest_credential()).max(MIN_WINDOW);
-        StreamMasker { m, window, max_hold: MAX_HOLD.max(2 * window), pending: Vec::new(), carry: None }
+        let lines = !m.spans_lines();
+        StreamMasker { m, window, max_hold: MAX_HOLD.max(2 * window), pending: Vec::new(), carry: None, lines }
     }
 
     /// Lowers the hold bound (tests and memory-tight callers).
@@ -52,17 +83,50 @@ impl StreamMasker {
         // Scan when at least a window of new bytes is in, so each byte is
         // scanned about twice whatever the chunk sizes.
         if self.pending.len() >= 2 * self.window {
-            self.flush(false, out);
+            self.flush(Limit::Window, out);
+        }
+    }
+
+    /// The input has paused: lets out, masked, the complete lines held back
+    /// that no secret can run on from. A match that could continue past the
+    /// last line's end (found by scanning the lines with a stand-in for what
+    /// may come next) is held back from its start, as is everything while a
+    /// let-out match may go on, or when a custom pattern or a credential can
+    /// span lines.
+    pub fn release_lines(&mut self, out: &mut Vec<u8>) {
+        if !self.lines || self.carry.is_some() {
+            return;
+        }
+        let Some(nl) = self.pending.iter().rposition(|&b| b == b'\n') else { return };
+        let mut cut = nl + 1;
+        if self.m.scans_text() {
+            let look = cut.saturating_sub(PROBE_LOOKBACK);
+            let mut probe = Vec::with_capacity(cut - look + PROBES[1].len());
+            for p in PROBES {
+                probe.clear();
+                probe.extend_from_slice(&self.pending[look..cut]);
+                probe.extend_from_slice(p);
+                self.m.collect(&probe);
+                let end = cut - look;
+                if let Some(f) = self.m.found.iter().find(|f| f.end > end && f.context < end) {
+                    cut = look + f.context;
+                }
+            }
+            self.m.found.clear();
+        }
+        if cut > 0 {
+            self.flush(Limit::At(cut), out);
         }
     }
 
     /// The stream ended: lets out the rest, masked.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
-        self.flush(true, out);
+        self.flush(Limit::End, out);
         self.carry = None;
     }
 
-    fn flush(&mut self, last: bool, out: &mut Vec<u8>) {
+    fn flush(&mut self, limit: Limit, out: &mut Vec<u8>) {
+        let last = matches!(limit, Limit::End);
         if !self.m.scans_text() {
             out.append(&mut self.pending);
             return;
@@ -95,7 +159,11 @@ impl StreamMasker {
             }
         }
         let len = text.len();
-        let mut cut = if last { len } else { len.saturating_sub(self.window).max(from) };
+        let mut cut = match limit {
+            Limit::End => len,
+            Limit::Window => len.saturating_sub(self.window).max(from),
+            Limit::At(c) => (ctx + c).clamp(from, len),
+        };
         let mut carry_next = None;
         if let Some(f) = found.iter().find(|f| f.end > cut).copied() {
             if f.context < cut {
@@ -188,6 +256,77 @@ mod tests {
         assert!(got.starts_with("x\n<private-key>"), "{got}");
         assert!(got.ends_with("\ny"), "{got}");
         assert!(!got.contains("QUJD"), "{got}");
+    }
+
+    #[test]
+    fn a_pause_lets_out_complete_lines_masked() {
+        let m = masker(&["detector:token", "detector:email"], &[], &["Inj3cted-Secret"]);
+        let mut s = m.stream(DEFAULT_WINDOW);
+        let mut out = Vec::new();
+        s.push(b"data: {\"t\":\"hello\"}\n\n", &mut out);
+        assert!(out.is_empty(), "held until a window fills");
+        s.release_lines(&mut out);
+        assert_eq!(String::from_utf8_lossy(&out), "data: {\"t\":\"hello\"}\n\n");
+        out.clear();
+        s.push(b"data: Inj3cted-Secret and bob@example.com\n\ndata: Inj3cted-Se", &mut out);
+        s.release_lines(&mut out);
+        assert_eq!(String::from_utf8_lossy(&out), "data: <credential> and <email>\n\n");
+        out.clear();
+        // The unfinished line waits for the rest.
+        assert_eq!(s.held(), "data: Inj3cted-Se".len());
+        s.push(b"cret\n", &mut out);
+        s.finish(&mut out);
+        assert_eq!(String::from_utf8_lossy(&out), "data: <credential>\n");
+    }
+
+    #[test]
+    fn a_pause_holds_back_what_may_run_on_into_the_next_line() {
+        let m = masker(&["detector:*"], &[], &[]);
+        let cases: [(&str, &str, &str); 4] = [
+            ("config:\npassword:\n", "  hunter2hunter2\n", "config:\n"),
+            ("x\nAuthorization: Bearer\n", "abcdefghijklmnopqrstuvwxyz012345\n", "x\n"),
+            ("x\napi_key\n", "= s3cr3tv4lu3xyz\n", "x\n"),
+            (
+                "x\n-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n",
+                "-----END PRIVATE KEY-----\n",
+                "x\n",
+            ),
+        ];
+        for (first, rest, early) in cases {
+            let mut s = m.stream(DEFAULT_WINDOW);
+            let mut out = Vec::new();
+            s.push(first.as_bytes(), &mut out);
+            s.release_lines(&mut out);
+            assert_eq!(String::from_utf8_lossy(&out), early, "{first:?}");
+            s.push(rest.as_bytes(), &mut out);
+            s.finish(&mut out);
+            let all = String::from_utf8(out).unwrap();
+            assert!(all.starts_with(early), "{all}");
+            for secret in ["hunter2hunter2", "abcdefghijklmnop", "s3cr3tv4lu3xyz", "MIIEvQ"] {
+                assert!(!all.contains(secret), "{secret} let out: {all:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_pause_lets_nothing_out_when_a_secret_may_span_lines() {
+        // A custom pattern that can match a line break.
+        let m = masker(&["detector:ticket"], &[("ticket", "(?s)TICKET.{4}END")], &[]);
+        let mut s = m.stream(DEFAULT_WINDOW);
+        let mut out = Vec::new();
+        s.push(b"a\nTICKET\n", &mut out);
+        s.release_lines(&mut out);
+        assert!(out.is_empty());
+        s.push(b"ab\nEND\n", &mut out);
+        s.finish(&mut out);
+        assert_eq!(String::from_utf8_lossy(&out), "a\n<ticket>\n");
+        // A credential holding a line feed.
+        let m = masker(&[], &[], &["line-one\nline-two"]);
+        let mut s = m.stream(DEFAULT_WINDOW);
+        let mut out = Vec::new();
+        s.push(b"x line-one\n", &mut out);
+        s.release_lines(&mut out);
+        assert!(out.is_empty());
     }
 
     #[test]

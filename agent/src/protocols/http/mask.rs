@@ -295,6 +295,11 @@ pub enum MaskBodyError {
     Straddle,
 }
 
+/// How long a text body's input may pause before the complete lines held
+/// back are let out (see `StreamMasker::release_lines`): server-sent events
+/// and followed logs reach the caller as they come, not a window at a time.
+pub const PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+
 pin_project_lite::pin_project! {
     /// A response body on its way to the caller, masked.
     pub struct MaskedBody<B> {
@@ -303,24 +308,42 @@ pin_project_lite::pin_project! {
         mode: Mode,
         decoder: Option<Decoder>,
         done: bool,
+        // Running while the input pauses with text held back; None once it
+        // fired, until more input comes.
+        pause: Option<Pin<Box<tokio::time::Sleep>>>,
+        paused: bool,
     }
 }
 
 impl<B> MaskedBody<B> {
     /// A JSON document masked whole (a text stream past `cap` bytes).
     pub fn json(inner: B, m: SessionMasker, cap: usize, window: usize, decoder: Option<Decoder>) -> Self {
-        MaskedBody { inner, mode: Mode::Json { m, buf: Vec::new(), cap, window }, decoder, done: false }
+        MaskedBody {
+            inner,
+            mode: Mode::Json { m, buf: Vec::new(), cap, window },
+            decoder,
+            done: false,
+            pause: None,
+            paused: false,
+        }
     }
 
     /// A text stream masked with a hold-back `window`.
     pub fn text(inner: B, m: &SessionMasker, window: usize, decoder: Option<Decoder>) -> Self {
-        MaskedBody { inner, mode: Mode::Text(m.stream(window)), decoder, done: false }
+        MaskedBody { inner, mode: Mode::Text(m.stream(window)), decoder, done: false, pause: None, paused: false }
     }
 
     /// A binary body searched for the injected credentials (given raw).
     pub fn binary(inner: B, secrets: &[&[u8]]) -> Self {
         let (injected, _) = Injected::new(secrets);
-        MaskedBody { inner, mode: Mode::Binary { injected, tail: Vec::new() }, decoder: None, done: false }
+        MaskedBody {
+            inner,
+            mode: Mode::Binary { injected, tail: Vec::new() },
+            decoder: None,
+            done: false,
+            pause: None,
+            paused: false,
+        }
     }
 }
 
@@ -401,13 +424,32 @@ where
                 return Poll::Ready(None);
             }
             match this.inner.as_mut().poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    let Mode::Text(s) = this.mode else { return Poll::Pending };
+                    if *this.paused || s.held() == 0 {
+                        return Poll::Pending;
+                    }
+                    let pause = this.pause.get_or_insert_with(|| Box::pin(tokio::time::sleep(PAUSE)));
+                    if std::future::Future::poll(pause.as_mut(), cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    *this.pause = None;
+                    *this.paused = true;
+                    let mut out = Vec::new();
+                    s.release_lines(&mut out);
+                    if out.is_empty() {
+                        return Poll::Pending;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(out.into()))));
+                }
                 Poll::Ready(Some(Err(e))) => {
                     // Nothing held back goes out after an error.
                     *this.done = true;
                     return Poll::Ready(Some(Err(e.into())));
                 }
                 Poll::Ready(Some(Ok(frame))) => {
+                    *this.pause = None;
+                    *this.paused = false;
                     // Trailers are not masked: they are dropped.
                     let Ok(data) = frame.into_data() else { continue };
                     let mut out = Vec::new();
