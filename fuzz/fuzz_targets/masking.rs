@@ -3,7 +3,8 @@
 //! injected credential.
 //!
 //! Invariants: no panic; the injected credential never survives masking of
-//! text, JSON or a header; a stream, cut into chunks anywhere, lets out
+//! text, JSON or a header; a stream, cut into chunks anywhere (and paused
+//! after each, letting complete lines out early), lets out
 //! exactly what masking the whole text at once gives.
 #![no_main]
 
@@ -96,6 +97,22 @@ fuzz_target!(|data: &[u8]| {
     assert!(
         out == masked,
         "stream (chunks of {size}) differs from whole-text masking\nstream: {:?}\nwhole:  {:?}",
+        String::from_utf8_lossy(&out),
+        String::from_utf8_lossy(&masked)
+    );
+
+    // The same with a pause after every chunk: complete lines let out early
+    // come out as masking the whole text gives them.
+    let mut s = m.stream(0);
+    let mut out = Vec::new();
+    for c in text.chunks(size) {
+        s.push(c, &mut out);
+        s.release_lines(&mut out);
+    }
+    s.finish(&mut out);
+    assert!(
+        out == masked,
+        "stream (chunks of {size}, paused) differs from whole-text masking\nstream: {:?}\nwhole:  {:?}",
         String::from_utf8_lossy(&out),
         String::from_utf8_lossy(&masked)
     );
