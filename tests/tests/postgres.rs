@@ -181,6 +181,19 @@ fn read_only_role_reads_and_is_refused_writes_on_the_same_connection() {
     });
     assert_eq!(sel["decision"]["verdict"], "allow");
     assert_eq!(sel["request"]["classes"], serde_json::json!(["read"]));
+
+    // Each answer is summarised: the command tag or the SQLSTATE, rows and
+    // bytes, in order, and no row content.
+    let session = sel["session"].clone();
+    f.agent.wait_audit("the session's end", |r| r["type"] == "session_end" && r["session"] == session);
+    let answers: Vec<_> =
+        f.agent.audit().into_iter().filter(|r| r["type"] == "response" && r["session"] == session).collect();
+    let statuses: Vec<_> = answers.iter().map(|r| r["summary"]["status"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(statuses, ["SELECT 1", "ERROR 42501", "SELECT 1", "ERROR 42501", "SELECT 1"], "{answers:?}");
+    assert_eq!(answers[0]["summary"]["rows"], 1, "{answers:?}");
+    assert!(answers[1]["summary"]["rows"].is_null(), "{answers:?}");
+    assert!(answers.iter().all(|r| r["summary"]["bytes"].as_u64().unwrap_or(0) > 0), "{answers:?}");
+    assert!(answers.iter().all(|r| r["summary"]["content"].is_null()), "{answers:?}");
 }
 
 #[test]
@@ -344,6 +357,12 @@ fn copy_both_ways_as_the_policy_says() {
     ));
     assert!(out.contains("20\n21"), "{out}\n{err}\n{}", f.agent.log_text());
     assert_eq!(f.pg.sql("appdb", "SELECT count(*) FROM items WHERE id >= 20"), "2");
+    // The answer says how many rows went out (43 bytes: the COPY header,
+    // two rows, CopyDone and the tag; the COPY FROM answer has 24).
+    let out_answer = f.agent.wait_audit("the COPY TO answer", |r| {
+        r["type"] == "response" && r["summary"]["status"] == "COPY 2" && r["summary"]["bytes"].as_u64() > Some(30)
+    });
+    assert_eq!(out_answer["summary"]["rows"], 2, "{out_answer}");
     let (out, err) =
         output_text(&psql(&f, "ci", "127.0.0.53", "COPY items FROM STDIN;\n30\tthirty\n\\.\nSELECT 'alive';\n"));
     assert!(denied_by_portcullis(&err), "{out}{err}");

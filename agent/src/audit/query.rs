@@ -151,7 +151,8 @@ fn apply(s: &mut SessionSummary, v: &Value) {
                 _ => {}
             }
         }
-        "response" | "request_end" => s.responses += 1,
+        // One per answered request (HTTP also writes a `request_end`).
+        "response" => s.responses += 1,
         "session_end" => {
             s.end_ms = v["time_ms"].as_u64();
             s.end_reason = opt_str(&v["reason"]);

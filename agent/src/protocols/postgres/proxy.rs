@@ -37,7 +37,7 @@ use super::{
 };
 use crate::{
     approvals::{self, HoldRequest},
-    audit::{DecisionInfo, Event, RequestInfo},
+    audit::{DecisionInfo, Event, RequestInfo, ResponseSummary},
     enforcer::{DecisionCounters, Stats},
     ids::SessionId,
     masking::Mode,
@@ -131,6 +131,7 @@ where
         counters: DecisionCounters::default(),
     };
     let mut back = Back {
+        session,
         from: FrameReader::with_buffer(ur, u_buf),
         to: FrameWriter::new(cw),
         events: rx,
@@ -140,6 +141,7 @@ where
         bytes: 0,
         txn,
         ready: 0,
+        answer: Answer::default(),
     };
     let mut audit_failed = false;
     let reason = tokio::select! {
@@ -1017,7 +1019,8 @@ fn transactional(info: &StatementInfo) -> bool {
         && info.functions.iter().all(|f| f.class.is_none() || f.class == Some(class::SESSION))
 }
 
-struct Back<R, W> {
+struct Back<'s, R, W> {
+    session: &'s Session,
     from: FrameReader<R>,
     to: FrameWriter<W>,
     events: mpsc::UnboundedReceiver<Pending>,
@@ -1028,13 +1031,24 @@ struct Back<R, W> {
     bytes: u64,
     txn: Arc<AtomicU64>,
     ready: u64,
+    /// What the caller has been sent for the statement being answered.
+    answer: Answer,
 }
 
-impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Back<R, W> {
+/// Rows and bytes sent to the caller since the last statement's answer
+/// ended (see [`Back::answered`]).
+#[derive(Default)]
+struct Answer {
+    rows: u64,
+    bytes: u64,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Back<'_, R, W> {
     async fn run(&mut self) -> Result<&'static str, ProxyError> {
         loop {
             self.drain_events();
             while let Some(frame) = self.from.try_frame()? {
+                let before = self.to.buf.len();
                 match frame.tag {
                     b'D' => self.tracker.data_row(&frame, &mut self.to.buf).map_err(ProxyError::Masking)?,
                     b'd' => self.tracker.copy_data(&frame, &mut self.to.buf).map_err(ProxyError::Masking)?,
@@ -1059,6 +1073,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Back<R, W> {
                         self.to.push(&frame.raw);
                     }
                 }
+                // What the caller got, after masking and replacements.
+                self.answer.bytes += (self.to.buf.len() - before) as u64;
+                self.answered(&frame, before);
                 self.to.flush_if_large().await?;
             }
             self.bytes += self.to.buf.len() as u64;
@@ -1072,6 +1089,49 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Back<R, W> {
                 Some(message) = self.oob.recv() => self.to.push(&message),
             }
         }
+    }
+
+    /// Counts rows and, where a statement's answer ends, records its
+    /// summary: the command tag or the error's SQLSTATE, rows, bytes (never
+    /// row content or error text).
+    fn answered(&mut self, frame: &Frame, sent_from: usize) {
+        let status = match frame.tag {
+            b'D' => {
+                self.answer.rows += 1;
+                return;
+            }
+            b'Z' => {
+                // Not part of any one statement's answer.
+                self.answer.bytes = 0;
+                return;
+            }
+            b'C' => {
+                let mut body = frame.body();
+                wire::cstr_utf8(&mut body).unwrap_or("").to_string()
+            }
+            b'E' => {
+                // The error as sent: a denial's replacement, not the
+                // upstream error it stands in for.
+                let sent = &self.to.buf[sent_from..];
+                let code = sent.get(5..).and_then(|body| wire::error_field(body, b'C')).unwrap_or(b"");
+                format!("ERROR {}", String::from_utf8_lossy(code))
+            }
+            b's' => "SUSPENDED".to_string(),
+            b'V' => "FUNCTION RESULT".to_string(),
+            _ => return,
+        };
+        let Answer { rows, bytes } = std::mem::take(&mut self.answer);
+        // The tag's count where it has one (INSERT 0 5, UPDATE 3, COPY 7),
+        // else the rows sent.
+        let tagged = match frame.tag {
+            b'C' => status.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()),
+            _ => None,
+        };
+        let rows = tagged.or((rows > 0 || frame.tag == b's').then_some(rows));
+        self.session.enforcer.audit.record(Event::Response {
+            session: self.session.id,
+            summary: ResponseSummary { status: Some(status), rows, bytes, content: None, truncated: false },
+        });
     }
 
     fn drain_events(&mut self) {
