@@ -204,6 +204,9 @@ pub struct Proxy {
     seq: AtomicU64,
     pub bytes_up: Arc<AtomicU64>,
     pub bytes_down: Arc<AtomicU64>,
+    /// The worker's pooled client for the target, looked up at the first
+    /// request (a session stays on its worker).
+    client: std::sync::OnceLock<PooledClient>,
 }
 
 /// A request that passed the checks and the policy, ready to forward.
@@ -262,6 +265,7 @@ impl Proxy {
             seq: AtomicU64::new(0),
             bytes_up: Arc::new(AtomicU64::new(0)),
             bytes_down: Arc::new(AtomicU64::new(0)),
+            client: std::sync::OnceLock::new(),
         }
     }
 
@@ -709,7 +713,11 @@ impl Proxy {
     }
 
     fn client(&self) -> Result<PooledClient, String> {
-        client_for(&self.target, self.orig_dst, &self.enforcer.settings).map_err(|e| e.to_string())
+        if let Some(c) = self.client.get() {
+            return Ok(c.clone());
+        }
+        let c = client_for(&self.target, self.orig_dst, &self.enforcer.settings).map_err(|e| e.to_string())?;
+        Ok(self.client.get_or_init(|| c).clone())
     }
 
     /// A WebSocket upgrade goes over a connection of its own, HTTP/1.1 only.
