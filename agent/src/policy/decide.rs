@@ -170,6 +170,18 @@ pub fn decide_sql(policy: &Policy, role: Option<&str>, target: &Target, req: &Sq
         }
     }
     for t in &req.tables {
+        // `schema.*`: every relation of the schema (GRANT ... ON ALL TABLES
+        // IN SCHEMA), so any table of it a rule names. A table that is
+        // really called `*` is decided the same way, which is stricter.
+        if let Some((schema, "*")) = t.split_once('.') {
+            if let Some(p) = rule.deny_tables.iter().find(|p| p.may_match_in(schema)) {
+                return deny(format!("{t} (every table of schema {schema}) may take in deny_tables \"{p}\""));
+            }
+            if !rule.allow_tables.is_empty() && !rule.allow_tables.iter().any(|p| p.matches_all_of(schema)) {
+                return deny(format!("{t} (every table of schema {schema}) is not all in allow_tables"));
+            }
+            continue;
+        }
         if let Some(p) = rule.deny_tables.iter().find(|p| p.matches(t)) {
             return deny(format!("table {t} matches deny_tables \"{p}\""));
         }
@@ -830,6 +842,18 @@ target = "api"
         let out = d("ops", &req(&["read"], &["other.t"], &[]));
         assert_eq!(out.verdict, Verdict::Deny);
         assert!(out.reason.contains("not in allow_tables"), "{out}");
+        // Every table of a schema (`GRANT ... ON ALL TABLES IN SCHEMA`): denied
+        // if a denied table may be among them, or if allow_tables does not
+        // take in the whole schema.
+        let all = d("reader", &req(&["read"], &["public.*"], &[]));
+        assert_eq!(all.verdict, Verdict::Deny, "{all}");
+        assert!(all.reason.contains("public.secrets"), "{all}");
+        assert_eq!(d("reader", &req(&["read"], &["other.*"], &[])).verdict, Verdict::Allow);
+        assert_eq!(d("ops", &req(&["write"], &["public.*"], &[])).verdict, Verdict::Allow);
+        assert_eq!(d("ops", &req(&["write"], &["other.*"], &[])).verdict, Verdict::Deny);
+        // A relation whose quoted name holds `.*` is a relation like any other.
+        assert_eq!(d("ops", &req(&["write"], &["public.a.*"], &[])).verdict, Verdict::Allow);
+        assert_eq!(d("reader", &req(&["read"], &["public.a.*"], &[])).verdict, Verdict::Allow);
         // Approval still holds, and still loses to a deny.
         assert_eq!(d("reader", &req(&["ddl"], &["public.t"], &[])).verdict, Verdict::Approve);
         assert_eq!(d("reader", &req(&["ddl"], &["public.secrets"], &[])).verdict, Verdict::Deny);

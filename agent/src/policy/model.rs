@@ -610,6 +610,17 @@ impl NamePattern {
         };
         schema_ok && wildcard(&self.name, name)
     }
+
+    /// Whether some relation of `schema` may match (for a statement that
+    /// touches every relation of a schema).
+    pub fn may_match_in(&self, schema: &str) -> bool {
+        self.schema.as_ref().is_none_or(|p| wildcard(p, schema))
+    }
+
+    /// Whether every relation of `schema` matches.
+    pub fn matches_all_of(&self, schema: &str) -> bool {
+        self.may_match_in(schema) && matches!(self.name.as_slice(), [Segment::Star])
+    }
 }
 
 impl fmt::Display for NamePattern {

@@ -729,15 +729,29 @@ pub fn qualify(schema: Option<&str>, name: &str) -> String {
 fn named_relations(stmt: &Statement, info: &mut StatementInfo) {
     use sqlparser::ast::{AlterTableOperation, CommentObject, GrantObjects, ObjectType, RenameTableNameKind};
     let mut add = |n: &ObjectName| info.tables.extend(relation_names(n));
-    let mut granted = |objects: &Option<GrantObjects>| {
-        if let Some(GrantObjects::Tables(names) | GrantObjects::Sequences(names) | GrantObjects::Views(names)) = objects
-        {
-            names.iter().for_each(&mut add);
+    let granted = |objects: &Option<GrantObjects>, tables: &mut BTreeSet<String>| match objects {
+        Some(GrantObjects::Tables(names) | GrantObjects::Sequences(names) | GrantObjects::Views(names)) => {
+            tables.extend(names.iter().flat_map(relation_names));
         }
+        // Every relation of a schema: `schema.*`, which table rules take as
+        // any table of it.
+        Some(
+            GrantObjects::AllTablesInSchema { schemas }
+            | GrantObjects::AllSequencesInSchema { schemas }
+            | GrantObjects::AllViewsInSchema { schemas }
+            | GrantObjects::AllMaterializedViewsInSchema { schemas },
+        ) => {
+            for schema in schemas {
+                if let Some(name) = folded_parts(schema).last() {
+                    tables.insert(format!("{name}.*"));
+                }
+            }
+        }
+        _ => {}
     };
     match stmt {
-        Statement::Grant(g) => granted(&g.objects),
-        Statement::Revoke(r) => granted(&r.objects),
+        Statement::Grant(g) => granted(&g.objects, &mut info.tables),
+        Statement::Revoke(r) => granted(&r.objects, &mut info.tables),
         Statement::Drop { object_type, names, table, .. } => {
             if matches!(
                 object_type,
@@ -1403,6 +1417,8 @@ mod tests {
         assert_eq!(t("DROP SCHEMA auth"), Vec::<String>::new());
         assert_eq!(t("GRANT SELECT ON secrets, s.t TO bob"), ["public.secrets", "s.t"]);
         assert_eq!(t("REVOKE ALL ON TABLE secrets FROM bob"), ["public.secrets"]);
+        assert_eq!(t("GRANT SELECT ON ALL TABLES IN SCHEMA Public, \"Auth\" TO bob"), ["Auth.*", "public.*"]);
+        assert_eq!(t("REVOKE ALL ON ALL SEQUENCES IN SCHEMA s FROM bob"), ["s.*"]);
         assert_eq!(t("COMMENT ON TABLE secrets IS 'x'"), ["public.secrets"]);
         assert_eq!(t("COMMENT ON COLUMN s.secrets.token IS 'x'"), ["s.secrets"]);
         assert_eq!(
