@@ -24,16 +24,15 @@ pub const MAX_HOLD: usize = 1 << 20;
 /// How much of a let-out match's start is kept to recognise its
 /// continuation.
 const CONTEXT: usize = 1024;
-/// How far back from a line's end a match that could run on into the next
-/// line is looked for.
-const PROBE_LOOKBACK: usize = 4096;
 /// Stand-ins for what may come after a released line's end: a secret whose
 /// pattern lets it run on across the line break (`password:` and the value
 /// on the next line, `Authorization` and its token, a private key's body)
-/// matches into one of them.
-const PROBES: [&[u8]; 2] = [
+/// matches into one of them. The last is exactly an AWS secret key's 40
+/// characters and a line end (that detector wants no letter after them).
+const PROBES: [&[u8]; 3] = [
     b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
     b"=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n",
 ];
 
 /// How much of what is held a flush may let out.
@@ -100,19 +99,20 @@ impl StreamMasker {
         let Some(nl) = self.pending.iter().rposition(|&b| b == b'\n') else { return };
         let mut cut = nl + 1;
         if self.m.scans_text() {
-            let look = cut.saturating_sub(PROBE_LOOKBACK);
-            let mut probe = Vec::with_capacity(cut - look + PROBES[1].len());
+            // All that is held, not just the last lines: a match may have
+            // started well before them (a long private key's BEGIN line).
+            let mut probe = Vec::with_capacity(cut + PROBES[1].len());
             for p in PROBES {
                 probe.clear();
-                probe.extend_from_slice(&self.pending[look..cut]);
+                probe.extend_from_slice(&self.pending[..cut]);
                 probe.extend_from_slice(p);
                 self.m.collect(&probe);
-                let end = cut - look;
+                let end = cut;
                 if let Some(f) = self.m.found.iter().find(|f| f.end > end && f.context < end) {
-                    cut = look + f.context;
+                    cut = f.context;
                 }
+                self.m.found.clear();
             }
-            self.m.found.clear();
         }
         if cut > 0 {
             self.flush(Limit::At(cut), out);
@@ -306,6 +306,34 @@ mod tests {
                 assert!(!all.contains(secret), "{secret} let out: {all:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_pause_holds_back_a_long_private_key_and_a_secret_key_on_the_next_line() {
+        let m = masker(&["detector:*"], &[], &[]);
+        // A key whose BEGIN line is far more than a window before the pause.
+        let line = "MIIJQgIBADANBgkqhkiG9w0BAQEFAASCCSwwggkoAgEAAoICAQC7VJTUt9Us8cKj\n";
+        let first = format!("x\n-----BEGIN PRIVATE KEY-----\n{}", line.repeat(120));
+        let mut s = m.stream(DEFAULT_WINDOW);
+        let mut out = Vec::new();
+        s.push(first.as_bytes(), &mut out);
+        s.release_lines(&mut out);
+        s.push(line.repeat(3).as_bytes(), &mut out);
+        s.push(b"-----END PRIVATE KEY-----\ny\n", &mut out);
+        s.finish(&mut out);
+        let all = String::from_utf8(out).unwrap();
+        assert_eq!(all, "x\n<private-key>\ny\n");
+        // An AWS secret key whose name ends the line before it.
+        let mut s = m.stream(DEFAULT_WINDOW);
+        let mut out = Vec::new();
+        s.push(b"[default]\naws_secret_access_key =\n", &mut out);
+        s.release_lines(&mut out);
+        // The line before goes; the name and its `=` wait for the value.
+        assert!(out.starts_with(b"[default]\n") && !out.contains(&b'='), "{:?}", String::from_utf8_lossy(&out));
+        s.push(b"  wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n", &mut out);
+        s.finish(&mut out);
+        let all = String::from_utf8(out).unwrap();
+        assert!(!all.contains("wJalrXUtnFEMI"), "{all:?}");
     }
 
     #[test]
