@@ -179,7 +179,10 @@ where
 /// dollar signs (parameters, dollar quoting), no backslashes, no comments
 /// and no control characters; otherwise `None` (cache by exact text only).
 /// A number is a run of digits, letters, `_` and `.` that starts with a
-/// digit not preceded by a name character (`t1` stays a name).
+/// digit not preceded by a name character (`t1` stays a name), and it must
+/// be a plain decimal (`12`, `1.5`, `1.5e3`): any other run (`1FROM`, which
+/// older servers read as `1 FROM`; `0x1f`; `1_000`) means no key, since two
+/// texts that share a key must lex alike.
 #[cfg(test)]
 fn numbers_key(sql: &str) -> Option<String> {
     let mut out = String::new();
@@ -204,8 +207,12 @@ fn numbers_key_into(sql: &str, out: &mut String) -> bool {
         let c = b[i];
         let after_name = i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_' || b[i - 1] >= 0x80);
         if c.is_ascii_digit() && !after_name {
+            let start = i;
             while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'.') {
                 i += 1;
+            }
+            if !plain_decimal(&b[start..i]) {
+                return false;
             }
             out.push('\u{1}');
             replaced = true;
@@ -223,6 +230,24 @@ fn numbers_key_into(sql: &str, out: &mut String) -> bool {
         i = end;
     }
     replaced
+}
+
+/// `digits [. digits] [e|E digits]`.
+fn plain_decimal(run: &[u8]) -> bool {
+    let digits = |r: &[u8]| r.iter().take_while(|c| c.is_ascii_digit()).count();
+    let mut i = digits(run);
+    if run.get(i) == Some(&b'.') {
+        i += 1;
+        i += digits(&run[i..]);
+    }
+    if matches!(run.get(i), Some(b'e' | b'E')) {
+        let n = digits(&run[i + 1..]);
+        if n == 0 {
+            return false;
+        }
+        i += 1 + n;
+    }
+    i == run.len()
 }
 
 fn marker_prefix(nonce: u64) -> String {
@@ -1188,6 +1213,15 @@ mod tests {
         // Names with digits stay names; numbers with dots or exponents are one number.
         assert_eq!(numbers_key("SELECT t1.a FROM t1 LIMIT 10").unwrap(), "SELECT t1.a FROM t1 LIMIT \u{1}");
         assert_eq!(numbers_key("SELECT 1.5e3, x FROM t").unwrap(), "SELECT \u{1}, x FROM t");
+        // A run that is not a plain decimal may lex otherwise (`1FROM` is
+        // `1 FROM` to PostgreSQL 14 and older): no key.
+        for sql in ["SELECT token, 1FROM secrets", "SELECT 0x1f", "SELECT 1_000", "SELECT 1e", "SELECT 1.2.3"] {
+            assert_eq!(numbers_key(sql), None, "{sql}");
+        }
+        // On its own, the parser names the table (or refuses the text).
+        if let Ok(v) = classify::classify("SELECT token, 1FROM secrets") {
+            assert!(v[0].tables.contains("public.secrets"), "{:?}", v[0].tables);
+        }
         // Anything whose lexing is not plain is cached by exact text only.
         for sql in [
             "SELECT 1 FROM t WHERE a = 'x'",
