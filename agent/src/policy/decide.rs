@@ -164,40 +164,55 @@ pub fn decide_sql(policy: &Policy, role: Option<&str>, target: &Target, req: &Sq
         mask: Vec::new(),
         approval_timeout: rule.approval_timeout,
     };
+    // A reported `schema.name` is read every way it splits (a quoted name
+    // may hold a dot): denied if any reading is, allowed or trusted only if
+    // every reading is.
     for (f, _) in &req.functions {
-        if let Some(p) = rule.deny_functions.iter().find(|p| p.matches(f)) {
+        if let Some(p) = readings(f).find_map(|(s, n)| rule.deny_functions.iter().find(|p| p.matches_parts(s, n))) {
             return deny(format!("function {f} matches deny_functions \"{p}\""));
         }
     }
     for t in &req.tables {
-        // `schema.*`: every relation of the schema (GRANT ... ON ALL TABLES
-        // IN SCHEMA), so any table of it a rule names. A table that is
-        // really called `*` is decided the same way, which is stricter.
-        if let Some((schema, "*")) = t.split_once('.') {
-            if let Some(p) = rule.deny_tables.iter().find(|p| p.may_match_in(schema)) {
-                return deny(format!("{t} (every table of schema {schema}) may take in deny_tables \"{p}\""));
+        for (schema, name) in readings(t) {
+            // `schema.*`: every relation of the schema (GRANT ... ON ALL
+            // TABLES IN SCHEMA, DROP SCHEMA), so any table of it a rule
+            // names. A table that is really called `*` is decided the same
+            // way, which is stricter.
+            if let (Some(schema), "*") = (schema, name) {
+                if let Some(p) = rule.deny_tables.iter().find(|p| p.may_match_in(schema)) {
+                    return deny(format!("{t} (every table of schema {schema}) may take in deny_tables \"{p}\""));
+                }
+                if !rule.allow_tables.is_empty() && !rule.allow_tables.iter().any(|p| p.matches_all_of(schema)) {
+                    return deny(format!("{t} (every table of schema {schema}) is not all in allow_tables"));
+                }
+                continue;
             }
-            if !rule.allow_tables.is_empty() && !rule.allow_tables.iter().any(|p| p.matches_all_of(schema)) {
-                return deny(format!("{t} (every table of schema {schema}) is not all in allow_tables"));
+            if let Some(p) = rule.deny_tables.iter().find(|p| p.matches_parts(schema, name)) {
+                return deny(format!("table {t} matches deny_tables \"{p}\""));
             }
-            continue;
-        }
-        if let Some(p) = rule.deny_tables.iter().find(|p| p.matches(t)) {
-            return deny(format!("table {t} matches deny_tables \"{p}\""));
-        }
-        if !rule.allow_tables.is_empty() && !rule.allow_tables.iter().any(|p| p.matches(t)) {
-            return deny(format!("table {t} is not in allow_tables"));
+            if !rule.allow_tables.is_empty() && !rule.allow_tables.iter().any(|p| p.matches_parts(schema, name)) {
+                return deny(format!("table {t} is not in allow_tables"));
+            }
         }
     }
     let mut classes = req.classes.clone();
     for (f, class) in &req.functions {
         if let Some(c) = class {
-            if !rule.allow_functions.iter().any(|p| p.matches(f)) && !classes.contains(c) {
+            let trusted = readings(f).all(|(s, n)| rule.allow_functions.iter().any(|p| p.matches_parts(s, n)));
+            if !trusted && !classes.contains(c) {
                 classes.push(c);
             }
         }
     }
     decide_with_rule(role, rule, &classes)
+}
+
+/// The (schema, name) readings of a reported name: one per dot it holds,
+/// or the bare name.
+fn readings(qualified: &str) -> impl Iterator<Item = (Option<&str>, &str)> {
+    let dots = qualified.match_indices('.').map(move |(i, _)| (Some(&qualified[..i]), &qualified[i + 1..]));
+    let bare = (!qualified.contains('.')).then_some((None, qualified));
+    dots.chain(bare)
 }
 
 /// A class named explicitly wins over `*`; among explicit (and among `*`)
@@ -802,7 +817,7 @@ target = "api"
     fn sql_policy() -> Policy {
         let src = POLICY.replace(
             "mask = [\"detector:email\"]",
-            "mask = [\"detector:email\"]\ndeny_tables = [\"public.secrets\", \"pg_catalog.pg_authid\"]\nallow_functions = [\"public.report_*\"]\ndeny_functions = [\"pg_catalog.pg_sleep\"]",
+            "mask = [\"detector:email\"]\ndeny_tables = [\"public.secrets\", \"pg_catalog.pg_authid\", '\"a.b\".t']\nallow_functions = [\"public.report_*\"]\ndeny_functions = [\"pg_catalog.pg_sleep\"]",
         )
         .replace("allow = [\"*\"]\ndeny = [\"dcl\"]", "allow = [\"*\"]\ndeny = [\"dcl\"]\nallow_tables = [\"public.*\"]");
         parse(&src).expect("sql test policy parses")
@@ -851,9 +866,15 @@ target = "api"
         assert_eq!(d("reader", &req(&["read"], &["other.*"], &[])).verdict, Verdict::Allow);
         assert_eq!(d("ops", &req(&["write"], &["public.*"], &[])).verdict, Verdict::Allow);
         assert_eq!(d("ops", &req(&["write"], &["other.*"], &[])).verdict, Verdict::Deny);
-        // A relation whose quoted name holds `.*` is a relation like any other.
-        assert_eq!(d("ops", &req(&["write"], &["public.a.*"], &[])).verdict, Verdict::Allow);
+        // A name holding a dot is read every way it splits: `public.a.*` is
+        // the table `a.*` of public or every table of a schema `public.a`
+        // (not all in allow_tables); `a.b.t` may be `t` of the schema "a.b".
+        assert_eq!(d("ops", &req(&["write"], &["public.a.*"], &[])).verdict, Verdict::Deny);
         assert_eq!(d("reader", &req(&["read"], &["public.a.*"], &[])).verdict, Verdict::Allow);
+        let dotted = d("reader", &req(&["read"], &["a.b.t"], &[]));
+        assert_eq!(dotted.verdict, Verdict::Deny, "{dotted}");
+        assert_eq!(d("reader", &req(&["read"], &["a.b.*"], &[])).verdict, Verdict::Deny);
+        assert_eq!(d("reader", &req(&["read"], &["a.bt"], &[])).verdict, Verdict::Allow);
         // Approval still holds, and still loses to a deny.
         assert_eq!(d("reader", &req(&["ddl"], &["public.t"], &[])).verdict, Verdict::Approve);
         assert_eq!(d("reader", &req(&["ddl"], &["public.secrets"], &[])).verdict, Verdict::Deny);

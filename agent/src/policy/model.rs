@@ -599,10 +599,14 @@ impl NamePattern {
     /// Whether `qualified` (`schema.name`, as the SQL classifier reports it)
     /// matches.
     pub fn matches(&self, qualified: &str) -> bool {
-        let (schema, name) = match qualified.split_once('.') {
-            Some((s, n)) => (Some(s), n),
-            None => (None, qualified),
-        };
+        match qualified.split_once('.') {
+            Some((s, n)) => self.matches_parts(Some(s), n),
+            None => self.matches_parts(None, qualified),
+        }
+    }
+
+    /// Whether a relation or function `name` in `schema` matches.
+    pub fn matches_parts(&self, schema: Option<&str>, name: &str) -> bool {
         let schema_ok = match (&self.schema, schema) {
             (None, _) => true,
             (Some(p), Some(s)) => wildcard(p, s),

@@ -741,17 +741,31 @@ fn named_relations(stmt: &Statement, info: &mut StatementInfo) {
             | GrantObjects::AllViewsInSchema { schemas }
             | GrantObjects::AllMaterializedViewsInSchema { schemas },
         ) => {
-            for schema in schemas {
-                if let Some(name) = folded_parts(schema).last() {
-                    tables.insert(format!("{name}.*"));
-                }
-            }
+            schemas.iter().for_each(|s| whole_schema(tables, s));
         }
         _ => {}
     };
     match stmt {
         Statement::Grant(g) => granted(&g.objects, &mut info.tables),
         Statement::Revoke(r) => granted(&r.objects, &mut info.tables),
+        // A schema dropped or altered (renamed: a denied schema's tables
+        // would be reachable under the new name) touches all of its tables.
+        Statement::Drop { object_type: ObjectType::Schema, names, .. } => {
+            names.iter().for_each(|n| whole_schema(&mut info.tables, n));
+        }
+        Statement::AlterSchema(a) => {
+            whole_schema(&mut info.tables, &a.name);
+            for op in &a.operations {
+                if let sqlparser::ast::AlterSchemaOperation::Rename { name } = op {
+                    whole_schema(&mut info.tables, name);
+                }
+            }
+        }
+        Statement::DropTrigger(d) => {
+            if let Some(t) = &d.table_name {
+                add(t);
+            }
+        }
         Statement::Drop { object_type, names, table, .. } => {
             if matches!(
                 object_type,
@@ -803,6 +817,14 @@ fn named_relations(stmt: &Statement, info: &mut StatementInfo) {
         }
         Statement::AlterIndex { name, .. } => add(name),
         _ => {}
+    }
+}
+
+/// `schema.*`: every relation of a schema, which table rules take as any
+/// table of it.
+fn whole_schema(tables: &mut BTreeSet<String>, schema: &ObjectName) {
+    if let Some(name) = folded_parts(schema).last() {
+        tables.insert(format!("{name}.*"));
     }
 }
 
@@ -1414,7 +1436,10 @@ mod tests {
         assert_eq!(t("DROP TABLE Secrets, s.\"T\""), ["public.secrets", "s.T"]);
         assert_eq!(t("DROP VIEW IF EXISTS v CASCADE"), ["public.v"]);
         assert_eq!(t("DROP INDEX auth.i"), ["auth.i"]);
-        assert_eq!(t("DROP SCHEMA auth"), Vec::<String>::new());
+        assert_eq!(t("DROP SCHEMA auth, \"X\" CASCADE"), ["X.*", "auth.*"]);
+        assert_eq!(t("ALTER SCHEMA Auth RENAME TO x"), ["auth.*", "x.*"]);
+        assert_eq!(t("ALTER SCHEMA auth OWNER TO bob"), ["auth.*"]);
+        assert_eq!(t("DROP TRIGGER audit_trg ON secrets"), ["public.secrets"]);
         assert_eq!(t("GRANT SELECT ON secrets, s.t TO bob"), ["public.secrets", "s.t"]);
         assert_eq!(t("REVOKE ALL ON TABLE secrets FROM bob"), ["public.secrets"]);
         assert_eq!(t("GRANT SELECT ON ALL TABLES IN SCHEMA Public, \"Auth\" TO bob"), ["Auth.*", "public.*"]);
