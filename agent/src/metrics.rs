@@ -212,6 +212,11 @@ impl Exporter {
         let am = &e.audit.metrics;
         t.counter("portcullis_audit_records_total", "Audit records written to the log.", am.records_written());
         t.counter("portcullis_audit_write_failures_total", "Audit records whose write failed.", am.records_failed());
+        t.counter(
+            "portcullis_audit_records_lost_total",
+            "Audit records never written: their write failed, or they came while the writer was behind.",
+            e.audit.stats().lost.load(Ordering::Relaxed),
+        );
         t.header("portcullis_audit_backlog", "gauge", "Audit records queued and not yet written.");
         t.sample("portcullis_audit_backlog", &[], e.audit.stats().queued.load(Ordering::Relaxed));
         let (buckets, sum, count) = am.write_duration.snapshot();

@@ -385,6 +385,7 @@ fn a_full_audit_disk_refuses_state_changes_with_a_clear_error_and_recovers() {
     // The failures show: log, metric, status.
     agent.wait_log("audit write failed");
     assert!(metric(&agent, "portcullis_audit_write_failures_total") >= 1.0, "{}", agent.metrics_text());
+    assert!(metric(&agent, "portcullis_audit_records_lost_total") >= 1.0, "{}", agent.metrics_text());
 
     // Room again: both pass, and the chain verifies.
     std::fs::remove_file(&filler).unwrap();

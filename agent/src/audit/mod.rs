@@ -168,6 +168,16 @@ impl Audit {
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || {
+                // Should the writer die, whoever waits on it must hear so:
+                // the queue is closed and what it holds dropped (their
+                // replies fail as `Stopped`), rather than waiting forever.
+                struct Abandon(Arc<queue::Queue<Cmd>>);
+                impl Drop for Abandon {
+                    fn drop(&mut self) {
+                        drop(self.0.shut());
+                    }
+                }
+                let _abandon = Abandon(rx.clone());
                 writer.run(rx);
                 let shared = writer.shared.clone();
                 drop(writer);
@@ -217,11 +227,15 @@ impl Audit {
     pub fn record(&self, event: Event) {
         let payload = self.encode(event);
         let len = payload.len();
-        match self.tx.0.push(Cmd::Record(payload), len, false) {
-            Ok(()) => {
-                self.shared.stats.queued.fetch_add(1, Ordering::Relaxed);
-                self.metrics.queued();
-            }
+        // Counted before it is queued: the writer may take it (and count it
+        // off) before push returns.
+        self.shared.stats.queued.fetch_add(1, Ordering::Relaxed);
+        let pushed = self.tx.0.push(Cmd::Record(payload), len, false);
+        if pushed.is_err() {
+            self.shared.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        match pushed {
+            Ok(()) => self.metrics.queued(),
             Err(queue::Refused::Closed) => {}
             Err(queue::Refused::Full) => {
                 self.shared.stats.lost.fetch_add(1, Ordering::Relaxed);
@@ -258,11 +272,13 @@ impl Audit {
         let payload = self.encode(event);
         let (done, wait) = oneshot::channel();
         let len = payload.len();
-        match self.tx.0.push(Cmd::Durable(payload, done), len, true) {
-            Ok(()) => {
-                self.shared.stats.queued.fetch_add(1, Ordering::Relaxed);
-                self.metrics.queued();
-            }
+        self.shared.stats.queued.fetch_add(1, Ordering::Relaxed);
+        let pushed = self.tx.0.push(Cmd::Durable(payload, done), len, true);
+        if pushed.is_err() {
+            self.shared.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        match pushed {
+            Ok(()) => self.metrics.queued(),
             Err(queue::Refused::Closed) => return Err(AuditError::Stopped),
             Err(queue::Refused::Full) => return Err(AuditError::Behind(self.shared.queue_bytes)),
         }
@@ -396,18 +412,12 @@ impl Writer {
             ticking = !taken.items.is_empty();
             if ticking {
                 let rotations = self.log.rotations();
-                let (started, written, lost) = (
-                    Instant::now(),
-                    self.shared.stats.written.load(Ordering::Relaxed),
-                    self.shared.stats.lost.load(Ordering::Relaxed),
-                );
-                self.process(taken.items);
+                let started = Instant::now();
+                let (written, failed) = self.process(taken.items);
                 let took = started.elapsed();
-                let written = self.shared.stats.written.load(Ordering::Relaxed) - written;
-                let lost = self.shared.stats.lost.load(Ordering::Relaxed) - lost;
                 self.metrics.written(written, took, true);
-                if lost > 0 {
-                    self.metrics.written(lost, took, false);
+                if failed > 0 {
+                    self.metrics.written(failed, took, false);
                 }
                 if self.log.rotations() != rotations {
                     self.retention();
@@ -441,7 +451,9 @@ impl Writer {
         r
     }
 
-    fn process(&mut self, batch: Vec<Cmd>) {
+    /// Writes a batch; returns how many records were written and how many
+    /// failed to be.
+    fn process(&mut self, batch: Vec<Cmd>) -> (u64, u64) {
         let (dropped, since) = std::mem::take(&mut *self.shared.dropped.lock().unwrap_or_else(|e| e.into_inner()));
         if dropped > 0 {
             let now = now_ms();
@@ -511,6 +523,7 @@ impl Writer {
         }
         self.shared.stats.written.fetch_add(written as u64, Ordering::Relaxed);
         let failure = err.as_ref().map(Failure::from_io);
+        let mut failed = 0;
         if let Some(e) = &err {
             self.shared.stats.write_errors.fetch_add(1, Ordering::Relaxed);
             let now = now_ms();
@@ -519,6 +532,7 @@ impl Writer {
             let lost = (n - written - if written == 0 { loss_slot } else { 0 }) as u64;
             let durable = acks.iter().filter(|(i, _)| *i >= written).count() as u64;
             self.shared.stats.lost.fetch_add(lost, Ordering::Relaxed);
+            failed = lost;
             if lost > 0 {
                 match &mut self.loss {
                     Some(l) => {
@@ -546,6 +560,7 @@ impl Writer {
         for s in syncs {
             let _ = s.send(failure.clone().map_or(Ok(()), Err));
         }
+        (written as u64, failed)
     }
 
     /// Deletes whole old segments past the age or size limit, after

@@ -97,6 +97,15 @@ impl<T> Queue<T> {
         self.wake.notify_one();
     }
 
+    /// Closes the queue for good and hands back what it holds (the
+    /// consumer is gone).
+    pub fn shut(&self) -> Vec<T> {
+        let mut s = self.lock();
+        s.closed = true;
+        s.weight = 0;
+        std::mem::take(&mut s.items)
+    }
+
     /// Waits for items and takes all of them. `ticking`: the consumer had
     /// work last time, so it lingers up to `timeout` to batch plain items
     /// (an urgent item or closing ends the wait early); otherwise it waits
@@ -174,6 +183,19 @@ mod tests {
         assert!(got.closed);
         assert_eq!(got.items, vec![1]);
         assert_eq!(q.push(2, 1, true), Err(Refused::Closed));
+    }
+
+    #[test]
+    fn shutting_hands_back_what_is_held_and_refuses_more() {
+        // What a caller waits on (a reply channel) fails once the queue is
+        // shut and its items dropped.
+        let q = Queue::new(1 << 20);
+        let (reply, wait) = std::sync::mpsc::channel::<u64>();
+        q.push(reply, 1, true).unwrap();
+        drop(q.shut());
+        assert!(wait.recv().is_err(), "the waiter hears that nobody will answer");
+        let (reply, _wait) = std::sync::mpsc::channel::<u64>();
+        assert!(matches!(q.push(reply, 1, true), Err(Refused::Closed)));
     }
 
     #[test]
