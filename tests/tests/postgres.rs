@@ -154,7 +154,10 @@ fn read_only_role_reads_and_is_refused_writes_on_the_same_connection() {
          INSERT INTO items VALUES (4, 'four');\n\
          SELECT 'after insert', count(*) FROM items;\n\
          CREATE TABLE t2 (a int);\n\
-         SELECT 'after create', current_user;\n",
+         SELECT 'after create', current_user;\n\
+         SELECT count(*) FROM (SELECT repeat('x', 1000) FROM generate_series(1, 200)) big;\n\
+         \\o /dev/null\n\
+         SELECT repeat('x', 1000) FROM generate_series(1, 200);\n",
     );
     let (out, err) = output_text(&o);
     assert!(out.contains("3\n"), "SELECT works: {out}\n{err}\n{}", f.agent.log_text());
@@ -189,7 +192,18 @@ fn read_only_role_reads_and_is_refused_writes_on_the_same_connection() {
     let answers: Vec<_> =
         f.agent.audit().into_iter().filter(|r| r["type"] == "response" && r["session"] == session).collect();
     let statuses: Vec<_> = answers.iter().map(|r| r["summary"]["status"].as_str().unwrap_or("").to_string()).collect();
-    assert_eq!(statuses, ["SELECT 1", "ERROR 42501", "SELECT 1", "ERROR 42501", "SELECT 1"], "{answers:?}");
+    assert_eq!(
+        statuses,
+        ["SELECT 1", "ERROR 42501", "SELECT 1", "ERROR 42501", "SELECT 1", "SELECT 1", "SELECT 200"],
+        "{answers:?}"
+    );
+    // A large answer is counted whole, though it is sent in pieces; the
+    // session's total holds every answer.
+    let big = answers[6]["summary"]["bytes"].as_u64().unwrap();
+    assert!(big > 200 * 1000, "{big}");
+    let end = f.agent.audit().into_iter().find(|r| r["type"] == "session_end" && r["session"] == session).unwrap();
+    let answered: u64 = answers.iter().map(|r| r["summary"]["bytes"].as_u64().unwrap()).sum();
+    assert!(end["bytes_down"].as_u64().unwrap() >= answered, "{end} vs {answered}");
     assert_eq!(answers[0]["summary"]["rows"], 1, "{answers:?}");
     assert!(answers[1]["summary"]["rows"].is_null(), "{answers:?}");
     assert!(answers.iter().all(|r| r["summary"]["bytes"].as_u64().unwrap_or(0) > 0), "{answers:?}");

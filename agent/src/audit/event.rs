@@ -188,7 +188,8 @@ pub enum Event {
         bytes_up: u64,
         bytes_down: u64,
     },
-    /// A connection to the enforcer with no kernel record: closed.
+    /// A connection to the enforcer closed before it was attributed: no
+    /// kernel record, or it could not be served.
     Unattributed {
         peer: String,
         reason: String,

@@ -22,6 +22,15 @@ use crate::{
     workers::Workers,
 };
 
+/// An accepted connection that could not be handed to a worker (it is
+/// closed): logged and recorded like one that could not be attributed.
+fn lost(enforcer: &Enforcer, peer: std::net::SocketAddr, e: &std::io::Error) {
+    Stats::inc(&enforcer.stats.unattributed);
+    warn!(error = %e, peer = %peer, "accepted connection could not be served; closed");
+    let reason = format!("could not be handed to a worker: {e}");
+    enforcer.audit.record(Event::Unattributed { peer: peer.to_string(), reason });
+}
+
 /// Accepts connections until the listener fails, handing each to a worker.
 pub async fn serve(listener: TcpListener, enforcer: Arc<Enforcer>, workers: Arc<Workers>) {
     loop {
@@ -32,14 +41,14 @@ pub async fn serve(listener: TcpListener, enforcer: Arc<Enforcer>, workers: Arc<
                 let stream = match stream.into_std() {
                     Ok(s) => s,
                     Err(e) => {
-                        warn!(error = %e, peer = %peer, "accepted connection lost");
+                        lost(&enforcer, peer, &e);
                         continue;
                     }
                 };
                 workers.spawn(async move {
                     match TcpStream::from_std(stream) {
                         Ok(stream) => handle(enforcer, stream, peer).await,
-                        Err(e) => warn!(error = %e, peer = %peer, "accepted connection lost"),
+                        Err(e) => lost(&enforcer, peer, &e),
                     }
                 });
             }

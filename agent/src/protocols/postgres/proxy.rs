@@ -1098,12 +1098,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Back<'_, R, W> {
                         self.to.push(&frame.raw);
                     }
                 }
-                // What the caller got, after masking and replacements.
-                self.answer.bytes += (self.to.buf.len() - before) as u64;
+                // What the caller got, after masking and replacements
+                // (counted here: a large answer is flushed as it goes).
+                let sent = (self.to.buf.len() - before) as u64;
+                self.bytes += sent;
+                self.answer.bytes += sent;
                 self.answered(&frame, before);
                 self.to.flush_if_large().await?;
             }
-            self.bytes += self.to.buf.len() as u64;
             self.to.flush().await?;
             tokio::select! {
                 filled = self.from.fill() => {
@@ -1111,7 +1113,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Back<'_, R, W> {
                         return Ok("upstream closed the connection");
                     }
                 }
-                Some(message) = self.oob.recv() => self.to.push(&message),
+                Some(message) = self.oob.recv() => {
+                    self.bytes += message.len() as u64;
+                    self.to.push(&message);
+                }
             }
         }
     }
@@ -1127,7 +1132,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Back<'_, R, W> {
             }
             b'Z' => {
                 // Not part of any one statement's answer.
-                self.answer.bytes = 0;
+                self.answer = Answer::default();
                 return;
             }
             b'C' => {
@@ -1142,6 +1147,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Back<'_, R, W> {
                 format!("ERROR {}", String::from_utf8_lossy(code))
             }
             b's' => "SUSPENDED".to_string(),
+            b'I' => "EMPTY".to_string(),
             b'V' => "FUNCTION RESULT".to_string(),
             _ => return,
         };
