@@ -325,6 +325,12 @@ impl Git {
                 return close(self.refuse(&info, &d, StatusCode::BAD_REQUEST));
             }
         };
+        // The upstream gets exactly the bytes that were decided on: a
+        // coded body goes on decoded (a server may read a gzip body
+        // otherwise than this reader did).
+        let mut parts = parts;
+        let raw =
+            if parts.headers.remove(header::CONTENT_ENCODING).is_some() { Bytes::from(decoded.clone()) } else { raw };
         let req = match wire::parse_push(&decoded) {
             Ok(r) => r,
             Err(e) => {
@@ -741,7 +747,7 @@ async fn read_body(mut incoming: Incoming, max: u64) -> Result<Bytes, BodyError>
 }
 
 /// The body as git wrote it: gzip (which git may use for large requests)
-/// is undone for reading; what is forwarded stays as received.
+/// is undone, every member of it (the decoded body is what is forwarded).
 fn decode(headers: &http::HeaderMap, raw: &Bytes, max: u64) -> Result<Vec<u8>, String> {
     let enc = headers.get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase());
     match enc.as_deref() {
@@ -749,7 +755,7 @@ fn decode(headers: &http::HeaderMap, raw: &Bytes, max: u64) -> Result<Vec<u8>, S
         Some("gzip") | Some("x-gzip") => {
             let mut out = Vec::new();
             let limit = max.saturating_mul(16).max(64 << 20);
-            flate2::read::GzDecoder::new(&raw[..])
+            flate2::read::MultiGzDecoder::new(&raw[..])
                 .take(limit + 1)
                 .read_to_end(&mut out)
                 .map_err(|e| format!("bad gzip body: {e}"))?;
@@ -919,6 +925,15 @@ mod tests {
         let mut h = http::HeaderMap::new();
         h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         assert_eq!(decode(&h, &gz, 100).unwrap(), b"0000");
+        // Members joined end to end are all read (an empty first member
+        // must not hide the commands after it).
+        let member = |data: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        };
+        let two = Bytes::from([member(b""), member(b"0000")].concat());
+        assert_eq!(decode(&h, &two, 100).unwrap(), b"0000");
         h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("br"));
         assert!(decode(&h, &gz, 100).is_err());
         assert_eq!(decode(&http::HeaderMap::new(), &Bytes::from_static(b"x"), 100).unwrap(), b"x");

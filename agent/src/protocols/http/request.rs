@@ -189,8 +189,14 @@ pub fn normalise_path(raw: &str) -> Result<Cow<'_, str>, RequestError> {
         return Err(RequestError::Path("is not a valid URI path"));
     }
     for (n, seg) in path.split('/').enumerate().skip(1) {
-        if seg == "." || seg == ".." {
-            return Err(RequestError::Path("contains a `.` or `..` segment"));
+        // Nor behind `;parameters` (which some servers drop before they
+        // resolve dot segments) or an encoded slash (which others decode
+        // first): `/a/..;/b`, `/a/..%2Fb`.
+        for piece in seg.split("%2F") {
+            let bare = piece.split(';').next().unwrap_or_default();
+            if bare == "." || bare == ".." {
+                return Err(RequestError::Path("contains a `.` or `..` segment"));
+            }
         }
         let last = n == path.split('/').count() - 1;
         if seg.is_empty() && !last {
@@ -456,6 +462,13 @@ mod tests {
         assert!(n("/a/%2e%2e/admin").is_err());
         assert!(n("/a/%2E/admin").is_err());
         assert!(n("/./admin").is_err());
+        // Behind `;parameters` or an encoded slash.
+        assert!(n("/public/..;/admin/users").is_err());
+        assert!(n("/public/.;x/admin").is_err());
+        assert!(n("/public/..%2Fadmin%2Fusers").is_err());
+        assert!(n("/public/x%2f..%2fadmin").is_err());
+        assert_eq!(n("/a;v=1/b").unwrap(), "/a;v=1/b", "parameters stay");
+        assert_eq!(n("/a/..x/b..;c").unwrap(), "/a/..x/b..;c", "dots inside a name are fine");
         assert!(n("//admin").is_err());
         assert!(n("/a\\..\\admin").is_err());
         assert!(n("/a%5cadmin").is_err());
