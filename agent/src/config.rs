@@ -2,7 +2,9 @@
 //! policy, which says what is allowed.
 use std::{net::SocketAddr, path::PathBuf};
 
-pub const DEFAULT_LISTEN_PORT: u16 = 7440;
+/// A privileged port: while portcullis is down, no unprivileged process can
+/// take it and receive the connections the probes send there.
+pub const DEFAULT_LISTEN_PORT: u16 = 744;
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portcullis";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/portcullis";
 /// `SO_MARK` of the enforcer's own sockets ("PCU").

@@ -84,6 +84,15 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     let v4 = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
     let v6 = match bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await {
         Ok(l) => Some(l),
+        // Someone else holds it: they would get the IPv6 connections the
+        // probes send there.
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AddrInUse => {
+            return Err(Error::Io {
+                what: "IPv6 listener (the port is taken)",
+                path: format!("[::1]:{port}").into(),
+                source,
+            });
+        }
         Err(e) => {
             warn!(error = %e, "no IPv6 loopback listener; IPv6 targets will be refused");
             None

@@ -213,7 +213,12 @@ impl Errors<'_> {
 }
 
 fn line_col(src: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(src.len());
+    // An offset computed inside an escaped string may not fall on a
+    // character boundary of the source: point at the character it is in.
+    let mut offset = offset.min(src.len());
+    while !src.is_char_boundary(offset) {
+        offset -= 1;
+    }
     let before = &src[..offset];
     let line = before.matches('\n').count() + 1;
     let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
@@ -1263,6 +1268,15 @@ allow_tables = ["x"]
         assert!(has(&errs, 19, "applies to postgres targets only"), "{errs:?}");
         let e = errs.iter().find(|e| e.line == 14).unwrap();
         assert_eq!(e.column, 34, "column points at the bad pattern");
+    }
+
+    #[test]
+    fn an_error_inside_an_escaped_string_is_located_not_a_panic() {
+        let src = MASKING_POLICY.replace("\"detector:token\"]", "\"detector:\\t\\t*é=bad\"]");
+        assert!(src.contains("é=bad"));
+        let errs = parse(&src).expect_err("a bad mask entry is refused");
+        assert!(!errs.is_empty());
+        assert!(line_col("aé", 2).0 == 1, "an offset inside a character is taken back to its start");
     }
 
     #[test]

@@ -345,6 +345,10 @@ impl Proxy {
             }
         };
         info.path.clone_from(&path);
+        if let Err(reason) = request::plain_method(&method, req.headers(), req.uri().query()) {
+            let d = Decision::deny(self.role.as_deref(), "http.method", reason);
+            return Err(self.refuse(&info, &d, StatusCode::FORBIDDEN));
+        }
         let Some(target) = target else {
             let d = Decision::deny(
                 self.role.as_deref(),

@@ -206,6 +206,33 @@ pub fn normalise_path(raw: &str) -> Result<Cow<'_, str>, RequestError> {
     Ok(path)
 }
 
+/// Headers and a query parameter that web frameworks read as the method
+/// to run instead of the request's own.
+const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+
+/// Checks that the method decided on is the one the server will run: an
+/// upper-case token (frameworks that upper-case `delete` would run a
+/// DELETE a rule for `DELETE` never saw) and no method override.
+pub fn plain_method(method: &http::Method, headers: &HeaderMap, query: Option<&str>) -> Result<(), String> {
+    if method.as_str().bytes().any(|b| b.is_ascii_lowercase()) {
+        return Err(format!("method `{}` is not upper case", method.as_str()));
+    }
+    if let Some(h) = METHOD_OVERRIDES.iter().find(|h| headers.contains_key(**h)) {
+        return Err(format!("method override header `{h}` is refused"));
+    }
+    let overridden = query.is_some_and(|q| {
+        q.split('&').any(|kv| {
+            let name = kv.split('=').next().unwrap_or_default();
+            let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+            name.eq_ignore_ascii_case("_method")
+        })
+    });
+    if overridden {
+        return Err("method override parameter `_method` is refused".into());
+    }
+    Ok(())
+}
+
 /// Headers that belong to one hop and never cross a proxy (RFC 9110
 /// 7.6.1), plus the h2c upgrade's settings.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -448,6 +475,21 @@ mod tests {
         assert!(check(None, Some("127.1.0.1:443"), None, false).is_ok());
         assert!(matches!(check(None, Some("127.1.0.2"), None, false), Err(RequestError::UnknownHost(_))));
         assert!(matches!(check(None, Some("evil.test"), None, false), Err(RequestError::UnknownHost(_))));
+    }
+
+    #[test]
+    fn the_method_decided_is_the_method_run() {
+        let m = |s: &str| http::Method::from_bytes(s.as_bytes()).unwrap();
+        let none = HeaderMap::new();
+        assert!(plain_method(&m("DELETE"), &none, Some("a=1")).is_ok());
+        assert!(plain_method(&m("delete"), &none, None).unwrap_err().contains("upper case"));
+        assert!(plain_method(&m("Trace"), &none, None).is_err());
+        let mut h = HeaderMap::new();
+        h.insert("X-HTTP-Method-Override", HeaderValue::from_static("DELETE"));
+        assert!(plain_method(&m("POST"), &h, None).unwrap_err().contains("x-http-method-override"));
+        assert!(plain_method(&m("POST"), &none, Some("a=1&_method=DELETE")).is_err());
+        assert!(plain_method(&m("POST"), &none, Some("%5Fmethod=DELETE")).is_err());
+        assert!(plain_method(&m("POST"), &none, Some("my_method=x")).is_ok());
     }
 
     #[test]
