@@ -92,16 +92,18 @@ fn find_by_inode(mount: &Path, id: u64) -> Option<String> {
     None
 }
 
-/// The systemd unit a cgroup path belongs to: the innermost path component
-/// that names a unit other than a slice (`x.service`, `x.scope`), e.g.
-/// `system.slice/runner.service/job` → `runner.service`.
+/// The systemd unit a cgroup path belongs to, as systemd itself reads it:
+/// the first component after the slices, when it names a unit
+/// (`x.service`, `x.scope`), e.g. `system.slice/runner.service/job` →
+/// `runner.service`. Not the innermost: below a unit's own cgroup, a
+/// process with a delegated subtree (a user manager, a container runtime)
+/// may create directories with any name, `x.service` included.
 pub fn unit_of(rel: &str) -> Option<String> {
-    rel.split('/')
-        .rev()
-        .find(|c| {
-            [".service", ".scope", ".socket", ".mount", ".swap"].iter().any(|s| c.len() > s.len() && c.ends_with(s))
-        })
-        .map(str::to_string)
+    let first = rel.split('/').find(|c| !c.is_empty() && !c.ends_with(".slice"))?;
+    [".service", ".scope", ".socket", ".mount", ".swap"]
+        .iter()
+        .any(|s| first.len() > s.len() && first.ends_with(s))
+        .then(|| first.to_string())
 }
 
 /// The cgroup of a systemd unit, relative to the mount, when it exists now.
@@ -257,10 +259,14 @@ mod tests {
     fn units_from_cgroup_paths() {
         assert_eq!(unit_of("system.slice/runner.service").as_deref(), Some("runner.service"));
         assert_eq!(unit_of("system.slice/runner.service/job-1").as_deref(), Some("runner.service"));
+        // A user's own units are inside the user manager's delegated tree,
+        // where the user names directories: the system unit is what counts.
         assert_eq!(
             unit_of("user.slice/user-1000.slice/user@1000.service/app.slice/run-r1.scope").as_deref(),
-            Some("run-r1.scope")
+            Some("user@1000.service")
         );
+        assert_eq!(unit_of("system.slice/low.service/actions-runner.service").as_deref(), Some("low.service"));
+        assert_eq!(unit_of("user.slice/user-1000.slice/session-3.scope").as_deref(), Some("session-3.scope"));
         assert_eq!(unit_of("portcullis.slice/ci"), None);
         assert_eq!(unit_of(""), None);
     }

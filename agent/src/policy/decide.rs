@@ -608,6 +608,10 @@ role = "reader"
 [[bindings]]
 cgroup = "portcullis.slice/lab/**"
 role = "ops"
+
+[[bindings]]
+cgroup = "portcullis.slice/*-admin"
+role = "ops"
 "#;
 
     fn policy() -> Policy {
@@ -631,6 +635,11 @@ role = "ops"
         assert!(role_for(&p, &s).is_none(), "`**` under lab needs a child cgroup");
         let s = subject(None, None, "system.slice/other.service");
         assert!(role_for(&p, &s).is_none());
+        // `*` stays within one level.
+        let s = subject(None, None, "portcullis.slice/db-admin");
+        assert_eq!(role_for(&p, &s).unwrap().name, "ops");
+        let s = subject(None, None, "portcullis.slice/low.service/x-admin");
+        assert!(role_for(&p, &s).is_none(), "`*` does not cross a `/`");
     }
 
     #[test]

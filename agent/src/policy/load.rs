@@ -4,7 +4,6 @@
 //! the errors in the next; cross-references are checked last.
 use std::{collections::HashSet, fmt, path::Path, sync::Arc, time::Duration};
 
-use globset::Glob;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::{
@@ -938,13 +937,18 @@ fn binding(errs: &mut Errors<'_>, policy: &Policy, index: usize, b: RawBinding) 
         errs.at_span(&b.role, format!("binding names unknown role `{}`", b.role.get_ref()));
         return None;
     }
-    let glob = |errs: &mut Errors<'_>, s: &Spanned<String>| match Glob::new(s.get_ref().trim_matches('/')) {
-        Ok(g) => Some(g.compile_matcher()),
-        Err(e) => {
-            errs.at_span(s, format!("bad pattern: {e}"));
-            None
-        }
-    };
+    // `*` stays within one path level (`**` crosses them), as documented.
+    let glob =
+        |errs: &mut Errors<'_>, s: &Spanned<String>| match globset::GlobBuilder::new(s.get_ref().trim_matches('/'))
+            .literal_separator(true)
+            .build()
+        {
+            Ok(g) => Some(g.compile_matcher()),
+            Err(e) => {
+                errs.at_span(s, format!("bad pattern: {e}"));
+                None
+            }
+        };
     let selector = match (b.scope, b.unit, b.cgroup) {
         (Some(s), None, None) => {
             if policy.scope(s.get_ref()).is_none() {
