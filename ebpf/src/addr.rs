@@ -53,6 +53,26 @@ pub fn set_user_addr6(ctx: &SockAddrContext, addr: &Addr16) {
 pub const LOOPBACK_V4: Addr16 = mapped_v4([127, 0, 0, 1]);
 pub const LOOPBACK_V6: Addr16 = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
+/// What a destination means: `0.0.0.0` is 127.0.0.1 and `::` is ::1 to
+/// connect(2); anything else is itself.
+#[inline(always)]
+pub fn local_meaning(addr: Addr16) -> Addr16 {
+    if portcullis_common::is_mapped_v4(&addr) {
+        if addr[12] == 0 && addr[13] == 0 && addr[14] == 0 && addr[15] == 0 {
+            return LOOPBACK_V4;
+        }
+        return addr;
+    }
+    let mut i = 0;
+    while i < 16 {
+        if addr[i] != 0 {
+            return addr;
+        }
+        i += 1;
+    }
+    LOOPBACK_V6
+}
+
 /// Addresses on which a connect reaches the enforcer's listener (it binds
 /// 127.0.0.1 and ::1; the unspecified address also connects locally).
 #[inline(always)]

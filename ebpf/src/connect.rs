@@ -50,6 +50,10 @@ pub fn pc_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn handle(ctx: &SockAddrContext, addr: Addr16, port_be: u16, family: u16, connect: bool) -> i32 {
+    // The unspecified address reaches the local host: decide it as the
+    // loopback address it stands for (a target declared on 127.0.0.1 is
+    // not reached around the enforcer through 0.0.0.0).
+    let addr = local_meaning(addr);
     let Some(scope) = find_scope() else {
         // Not under any guarded scope (links exist only on scope cgroups,
         // so this is a cgroup the policy no longer names).

@@ -129,6 +129,12 @@ fn ipv6_and_v4_mapped_destinations_are_intercepted() {
     assert_eq!(r["reply"], "echo:mapped", "{r}");
     assert_eq!(r["peer"], "[::ffff:127.0.0.53]:7000", "{r}");
     assert_eq!(f.echo.count(), 1);
+
+    // The unspecified address connects to the local host: `[::]:7001` is
+    // the target at `[::1]:7001` (nothing listens on [::1]:7001 itself).
+    let r = f.agent.tcp_client("ci", &["tcp", "[::]:7001", "unspecified"]);
+    assert_eq!(r["reply"], "echo:unspecified", "{r}");
+    assert_eq!(f.echo6.count(), 2);
 }
 
 #[test]
