@@ -141,6 +141,11 @@ impl Plan {
         self.detectors.is_some()
     }
 
+    /// Whether some entry masks JSON members by name (`json:`).
+    pub fn has_json_members(&self) -> bool {
+        !self.json.is_empty()
+    }
+
     pub(crate) fn mode_of(&self, kind: Kind) -> (&Mode, &str) {
         const CREDENTIAL: Mode = Mode::Redact(None);
         match kind {
@@ -361,6 +366,12 @@ impl SessionMasker {
     /// `json:` members by name. Text that is not JSON is masked as text.
     pub fn mask_json(&mut self, body: &[u8], out: &mut Vec<u8>) -> Outcome {
         json::mask(self, body, out)
+    }
+
+    /// Whether the plan masks JSON members by name (which only a whole
+    /// JSON document shows).
+    pub fn masks_json_members(&self) -> bool {
+        self.shared.plan.has_json_members()
     }
 
     /// The mode of a `json:` entry for a member name.

@@ -293,6 +293,8 @@ pub enum MaskBodyError {
     Decode(io::Error),
     #[error("an injected credential straddles two chunks of a binary response; the response was cut")]
     Straddle,
+    #[error("a JSON response over max_json_body cannot have its json: members masked; the response was cut")]
+    JsonTooLarge,
 }
 
 /// How long a text body's input may pause before the complete lines held
@@ -333,13 +335,15 @@ impl<B> MaskedBody<B> {
         MaskedBody { inner, mode: Mode::Text(m.stream(window)), decoder, done: false, pause: None, paused: false }
     }
 
-    /// A binary body searched for the injected credentials (given raw).
-    pub fn binary(inner: B, secrets: &[&[u8]]) -> Self {
+    /// A binary body searched for the injected credentials (given raw),
+    /// after `decoder` takes off its Content-Encoding (the credential is
+    /// not seen in compressed bytes).
+    pub fn binary(inner: B, secrets: &[&[u8]], decoder: Option<Decoder>) -> Self {
         let (injected, _) = Injected::new(secrets);
         MaskedBody {
             inner,
             mode: Mode::Binary { injected, tail: Vec::new() },
-            decoder: None,
+            decoder,
             done: false,
             pause: None,
             paused: false,
@@ -354,7 +358,11 @@ impl Mode {
             Mode::Json { m, buf, cap, window } => {
                 buf.extend_from_slice(data);
                 if buf.len() > *cap {
-                    // Too long to hold: mask the rest as text.
+                    // Too long to hold: masked as text the detectors still
+                    // work, but members masked by name would go out whole.
+                    if m.masks_json_members() {
+                        return Err(MaskBodyError::JsonTooLarge);
+                    }
                     let mut s = m.stream(*window);
                     s.push(buf, out);
                     *self = Mode::Text(s);
@@ -610,6 +618,11 @@ mod tests {
         let parts = doc.as_bytes().chunks(100).map(<[u8]>::to_vec).collect();
         let got = collect(MaskedBody::json(chunks(parts), m, 1000, 256, None)).await.unwrap();
         assert!(got.contains(r#""mail": "<email>""#) && !got.contains("carol"), "{got}");
+        // With members masked by name, over the cap is cut, not let out.
+        let m = masker(&["json:ssn"], &[]);
+        let doc = format!(r#"{{"pad": "{}", "ssn": "078-05-1120"}}"#, "x".repeat(3000));
+        let parts = doc.as_bytes().chunks(100).map(<[u8]>::to_vec).collect();
+        assert!(collect(MaskedBody::json(chunks(parts), m, 1000, 256, None)).await.is_err());
     }
 
     #[tokio::test]
@@ -646,13 +659,23 @@ mod tests {
         let mut data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
         data.splice(1000..1000, secret.bytes());
         let parts = vec![data[..900].to_vec(), data[900..].to_vec()];
-        let got = MaskedBody::binary(chunks(parts), &[secret.as_bytes()]).collect().await.unwrap().to_bytes();
+        let got = MaskedBody::binary(chunks(parts), &[secret.as_bytes()], None).collect().await.unwrap().to_bytes();
         assert_eq!(got.len(), data.len(), "same length");
         assert_eq!(&got[1000..1000 + secret.len()], "*".repeat(secret.len()).as_bytes());
         assert_eq!(&got[..1000], &data[..1000]);
         assert_eq!(&got[1000 + secret.len()..], &data[1000 + secret.len()..]);
         // Split across chunks: the response is cut.
         let parts = vec![data[..1005].to_vec(), data[1005..].to_vec()];
-        assert!(MaskedBody::binary(chunks(parts), &[secret.as_bytes()]).collect().await.is_err());
+        assert!(MaskedBody::binary(chunks(parts.clone()), &[secret.as_bytes()], None).collect().await.is_err());
+        // A coded body is searched decoded (and sent decoded).
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&data).unwrap();
+        let gz = e.finish().unwrap();
+        assert!(!gz.windows(secret.len()).any(|w| w == secret.as_bytes()), "not visible coded");
+        let body = MaskedBody::binary(chunks(vec![gz]), &[secret.as_bytes()], Decoder::new(Coding::Gzip));
+        let got = body.collect().await.unwrap().to_bytes();
+        assert_eq!(got.len(), data.len(), "decoded");
+        assert_eq!(&got[1000..1000 + secret.len()], "*".repeat(secret.len()).as_bytes());
     }
 }

@@ -629,6 +629,15 @@ impl Proxy {
             return Response::from_parts(parts, body::empty());
         }
         let (mut parts, incoming) = resp.into_parts();
+        if masker.is_some() {
+            // A transfer coding besides chunked (gzip) is lost with the
+            // hop-by-hop headers, and the body would be scanned coded.
+            if let Some(te) = request::transfer_coding_besides_chunked(&parts.headers) {
+                let e = format!("transfer coding `{te}` cannot be masked");
+                self.end(&info, &exchange, StatusCode::BAD_GATEWAY, Some(e.clone()));
+                return reply::error(StatusCode::BAD_GATEWAY, "masking_failed", &e);
+            }
+        }
         request::strip_hop_by_hop(&mut parts.headers, false);
         // The caller's side writes its own version.
         parts.version = Version::HTTP_11;
@@ -695,7 +704,20 @@ impl Proxy {
                 return Ok(body::boxed(incoming));
             }
             let raw: Vec<&[u8]> = self.secrets.iter().map(|s| s.expose().as_bytes()).collect();
-            return Ok(body::boxed(mask::MaskedBody::binary(incoming, &raw)));
+            // A coded body is decoded to be searched, and sent decoded.
+            let coding = mask::coding(&parts.headers)?;
+            let decoder = (coding != mask::Coding::Identity).then(|| {
+                for h in
+                    [header::CONTENT_ENCODING, header::CONTENT_LENGTH, header::ACCEPT_RANGES, header::CONTENT_RANGE]
+                {
+                    parts.headers.remove(h);
+                }
+                for name in ["content-md5", "digest", "content-digest", "repr-digest"] {
+                    parts.headers.remove(name);
+                }
+                mask::Decoder::new(coding)
+            });
+            return Ok(body::boxed(mask::MaskedBody::binary(incoming, &raw, decoder.flatten())));
         }
         let coding = mask::coding(&parts.headers)?;
         let h = &mut parts.headers;

@@ -249,7 +249,9 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, and those the Connection header names.
 /// `Upgrade` is kept only for a WebSocket upgrade that is being forwarded.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Names listed in Connection are hop-by-hop too.
+    // Names listed in Connection are hop-by-hop too, except the ones that
+    // describe the content (a body without its Content-Encoding would be
+    // read, and masked, as something else).
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -257,6 +259,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .filter(|n| !n.as_str().starts_with("content-"))
         .collect();
     for n in listed {
         headers.remove(n);
@@ -269,6 +272,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
+}
+
+/// A transfer coding other than `chunked` in Transfer-Encoding, if any.
+pub fn transfer_coding_besides_chunked(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(|c| c.trim().to_ascii_lowercase())
+        .find(|c| !c.is_empty() && c != "chunked")
 }
 
 /// An HTTP/1.1 WebSocket upgrade request (`Connection: upgrade`,
@@ -475,6 +488,22 @@ mod tests {
         assert!(check(None, Some("127.1.0.1:443"), None, false).is_ok());
         assert!(matches!(check(None, Some("127.1.0.2"), None, false), Err(RequestError::UnknownHost(_))));
         assert!(matches!(check(None, Some("evil.test"), None, false), Err(RequestError::UnknownHost(_))));
+    }
+
+    #[test]
+    fn content_headers_stay_whatever_connection_lists() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("content-encoding, x-hop"));
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.get(header::CONTENT_ENCODING).unwrap(), "gzip");
+        assert!(h.get("x-hop").is_none() && h.get(header::CONNECTION).is_none());
+        let mut h = HeaderMap::new();
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip, chunked"));
+        assert_eq!(transfer_coding_besides_chunked(&h).as_deref(), Some("gzip"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        assert_eq!(transfer_coding_besides_chunked(&h), None);
     }
 
     #[test]
