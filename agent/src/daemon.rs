@@ -81,6 +81,9 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     // Listen before the probes point at us, so no redirected connect meets
     // a closed port once we are up.
     let port = config.listen_port;
+    // Kernel records made before this moment are from connects no enforcer
+    // took (purged once the maps are open).
+    let listening_since = crate::intercept::probes::born_now();
     let v4 = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
     let v6 = match bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await {
         Ok(l) => Some(l),
@@ -114,6 +117,11 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     };
     let kconfig = Config { enforcer_port: port, _pad: 0, enforcer_mark: config.mark };
     let (mut probes, conns, ring) = Probes::load(&object, &config.pin_dir, kconfig)?;
+    match conns.purge_before(listening_since) {
+        Ok(0) => {}
+        Ok(n) => info!(records = n, "kernel records of connects made while no enforcer listened removed"),
+        Err(e) => warn!(error = %e, "could not clear old kernel records (they expire on their own)"),
+    }
     let report = probes.apply(&policy, &mount)?;
     for s in &report.attached {
         info!(scope = %s.scope, cgroup = %s.cgroup, cgroup_id = s.cgroup_id, "guarding");

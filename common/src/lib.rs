@@ -135,8 +135,13 @@ pub struct ConnRecord {
     pub uid: u32,
     pub gid: u32,
     pub comm: [u8; 16],
-    pub _pad: u32,
+    /// When the record was made: `bpf_ktime_get_ns() >> BORN_SHIFT`, about
+    /// seconds of CLOCK_MONOTONIC (so a stale record can be told apart).
+    pub born: u32,
 }
+
+/// See [`ConnRecord::born`].
+pub const BORN_SHIFT: u32 = 30;
 
 /// Key of the re-keyed connection map: the client's own (address, port) as
 /// the enforcer sees it on accept.

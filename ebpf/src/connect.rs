@@ -3,7 +3,7 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_get_socket_cookie,
+        bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use portcullis_common::{
     is_mapped_v4, Addr16, Config, ConnRecord, EgressKey, KernelEvent, OrigDst, ScopeInfo, TargetInfo, TargetKey,
-    AF_INET, AF_INET6, EGRESS_KEY_FIXED_BITS, EVENT_EGRESS_DENIED, EVENT_ENFORCER_DIRECT, EVENT_MAP_FULL,
+    AF_INET, AF_INET6, BORN_SHIFT, EGRESS_KEY_FIXED_BITS, EVENT_EGRESS_DENIED, EVENT_ENFORCER_DIRECT, EVENT_MAP_FULL,
     EVENT_NON_TCP_TO_TARGET, EVENT_NOT_CONFIGURED, IPPROTO_TCP, IPPROTO_UDP, MAX_CGROUP_DEPTH, SCOPE_EGRESS_DENY,
     TARGET_DENY_NON_TCP, TARGET_KEY_FIXED_BITS,
 };
@@ -154,7 +154,7 @@ fn new_record(ctx: &SockAddrContext, scope: &ScopeInfo, addr: &Addr16, port_be: 
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
         comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
-        _pad: 0,
+        born: (unsafe { bpf_ktime_get_ns() } >> BORN_SHIFT) as u32,
     }
 }
 

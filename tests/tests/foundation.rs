@@ -184,7 +184,12 @@ fn kill_9_fails_closed_and_restart_adopts_the_pinned_probes() {
     assert_eq!(r["connected"], false, "{r}");
     assert_eq!(f.echo.count(), 1);
 
+    // The refused connect left a kernel record under its client address;
+    // the restarted agent removes it, so nobody who later binds that
+    // address can pass for the caller (records are dated in ~1 s units).
+    std::thread::sleep(std::time::Duration::from_millis(1200));
     f.agent.restart();
+    f.agent.wait_log("kernel records of connects made while no enforcer listened removed");
     let r = f.agent.tcp_client("ci", &["tcp", "127.0.0.53:7000", "after"]);
     assert_eq!(r["reply"], "echo:after", "{r}");
     assert_eq!(f.echo.count(), 2);

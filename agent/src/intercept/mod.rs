@@ -68,7 +68,7 @@ async fn handle(enforcer: Arc<Enforcer>, stream: TcpStream, peer: SocketAddr) {
         Ok(Some(r)) => r,
         other => {
             let reason = match other {
-                Err(e) => format!("reading the kernel record failed: {e}"),
+                Err(e) => format!("kernel record: {e}"),
                 _ => "no kernel record: the connection did not come through a guarded scope".into(),
             };
             Stats::inc(&enforcer.stats.unattributed);

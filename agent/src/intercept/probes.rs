@@ -337,12 +337,52 @@ pub struct ConnTable {
     map: MapData,
 }
 
+/// A connect waits at most this long (in `born` units, about seconds) for
+/// its accept; an older record is left over from a connection that never
+/// reached the enforcer, and whoever now holds its client address is not
+/// that caller.
+const RECORD_MAX_AGE: u32 = 10;
+
+/// Now, in the units of [`ConnRecord::born`].
+pub fn born_now() -> u32 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC is what
+    // bpf_ktime_get_ns reads.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let ns = (ts.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(ts.tv_nsec as u64);
+    (ns >> BORN_SHIFT) as u32
+}
+
 impl ConnTable {
-    /// Takes the record of the client at `key`, if the kernel made one.
+    /// Takes the record of the client at `key`, if the kernel made one;
+    /// `Err` for one too old to be this caller's.
     pub fn take(&self, key: &ClientKey) -> io::Result<Option<ConnRecord>> {
         let mut rec = ConnRecord::default();
         let found = sys::map_lookup_and_delete(self.map.fd().as_fd(), key, &mut rec)?;
+        if found && born_now().wrapping_sub(rec.born) > RECORD_MAX_AGE {
+            return Err(io::Error::other(format!(
+                "the kernel record is stale (made {} s ago): the address was reused",
+                born_now().wrapping_sub(rec.born)
+            )));
+        }
         Ok(found.then_some(rec))
+    }
+
+    /// Deletes the records made before `since` (a [`born_now`] value): left
+    /// by connects while no enforcer listened, they belong to nobody that
+    /// can reach it now. Returns how many.
+    pub fn purge_before(&self, since: u32) -> io::Result<usize> {
+        let fd = self.map.fd().as_fd();
+        let keys: Vec<ClientKey> = sys::map_keys(fd, CONN_MAP_ENTRIES as usize)?;
+        let mut purged = 0;
+        for key in keys {
+            let mut rec = ConnRecord::default();
+            if sys::map_lookup(fd, &key, &mut rec)? && since.wrapping_sub(rec.born) as i32 > 0 {
+                sys::map_delete(fd, &key)?;
+                purged += 1;
+            }
+        }
+        Ok(purged)
     }
 }
 

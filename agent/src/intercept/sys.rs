@@ -11,6 +11,8 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
@@ -58,6 +60,52 @@ pub fn map_lookup_and_delete<K, V>(map: BorrowedFd<'_>, key: &K, value: &mut V) 
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Reads one entry; `Ok(false)` when the key is absent.
+pub fn map_lookup<K, V>(map: BorrowedFd<'_>, key: &K, value: &mut V) -> io::Result<bool> {
+    // struct { u32 map_fd; u32 pad; u64 key; u64 value; u64 flags }
+    let mut attr = [0u64; 4];
+    attr[0] = map.as_raw_fd() as u32 as u64;
+    attr[1] = key as *const K as u64;
+    attr[2] = value as *mut V as u64;
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr, 32) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes one entry (absent is fine).
+pub fn map_delete<K>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+    // struct { u32 map_fd; u32 pad; u64 key }
+    let mut attr = [0u64; 2];
+    attr[0] = map.as_raw_fd() as u32 as u64;
+    attr[1] = key as *const K as u64;
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr, 16) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A map's keys, at most `limit` (entries may come and go while walking).
+pub fn map_keys<K: Copy + Default>(map: BorrowedFd<'_>, limit: usize) -> io::Result<Vec<K>> {
+    let mut keys: Vec<K> = Vec::new();
+    let mut next = K::default();
+    while keys.len() < limit {
+        // struct { u32 map_fd; u32 pad; u64 key; u64 next_key }
+        let mut attr = [0u64; 3];
+        attr[0] = map.as_raw_fd() as u32 as u64;
+        attr[1] = keys.last().map_or(0, |k| k as *const K as u64);
+        attr[2] = &mut next as *mut K as u64;
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr, 24) {
+            Ok(_) => keys.push(next),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(keys)
 }
 
 /// Counts a map's keys (at most `limit`, since entries may come and go
