@@ -449,6 +449,14 @@ fn scopes_drifted(
                 if id_at(&a.cgroup) != Some(a.cgroup_id) {
                     return Some(format!("the cgroup of unit {unit} (scope {}) was removed or recreated", s.name));
                 }
+                // The unit now runs somewhere else than what is attached.
+                if resolve {
+                    if let Some(cg) = cgroup::systemd_unit_cgroup(unit) {
+                        if cg.trim_matches('/') != a.cgroup.trim_matches('/') {
+                            return Some(format!("unit {unit} (scope {}) runs in {cg} now", s.name));
+                        }
+                    }
+                }
             }
             (ScopeLocation::Unit(unit), None) => {
                 if hints.get(unit).is_some_and(|h| id_at(h).is_some()) {

@@ -110,12 +110,27 @@ pub fn unit_of(rel: &str) -> Option<String> {
 /// Asks systemd when it runs (`ControlGroup` property); otherwise looks for a
 /// directory of that name in the tree (a unit's cgroup is `<slices>/<unit>`).
 pub fn unit_cgroup(mount: &Path, unit: &str) -> Option<String> {
-    if let Some(cg) = systemctl_show(unit, "ControlGroup").and_then(|v| parse_control_group(&v)) {
+    if let Some(cg) = systemd_unit_cgroup(unit) {
         if mount.join(&cg).is_dir() {
             return Some(cg);
         }
     }
+    // Only without systemd: with it, a directory of that name elsewhere
+    // (a user's own `systemd-run --user --unit=NAME`) is not that unit.
+    if systemd_running() {
+        return None;
+    }
     find_unit_dir(mount, unit)
+}
+
+/// The cgroup systemd says a unit runs in, if it runs.
+pub fn systemd_unit_cgroup(unit: &str) -> Option<String> {
+    systemctl_show(unit, "ControlGroup").and_then(|v| parse_control_group(&v))
+}
+
+/// Whether systemd is the init system (what sd_booted(3) checks).
+pub fn systemd_running() -> bool {
+    Path::new("/run/systemd/system").is_dir()
 }
 
 /// Where a unit's cgroup will be once it runs, from systemd's `Slice`
