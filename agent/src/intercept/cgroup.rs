@@ -93,17 +93,17 @@ fn find_by_inode(mount: &Path, id: u64) -> Option<String> {
 }
 
 /// The systemd unit a cgroup path belongs to, as systemd itself reads it:
-/// the first component after the slices, when it names a unit
+/// the outermost component that names a unit other than a slice
 /// (`x.service`, `x.scope`), e.g. `system.slice/runner.service/job` →
 /// `runner.service`. Not the innermost: below a unit's own cgroup, a
 /// process with a delegated subtree (a user manager, a container runtime)
 /// may create directories with any name, `x.service` included.
 pub fn unit_of(rel: &str) -> Option<String> {
-    let first = rel.split('/').find(|c| !c.is_empty() && !c.ends_with(".slice"))?;
-    [".service", ".scope", ".socket", ".mount", ".swap"]
-        .iter()
-        .any(|s| first.len() > s.len() && first.ends_with(s))
-        .then(|| first.to_string())
+    rel.split('/')
+        .find(|c| {
+            [".service", ".scope", ".socket", ".mount", ".swap"].iter().any(|s| c.len() > s.len() && c.ends_with(s))
+        })
+        .map(str::to_string)
 }
 
 /// The cgroup of a systemd unit, relative to the mount, when it exists now.
@@ -282,6 +282,7 @@ mod tests {
         );
         assert_eq!(unit_of("system.slice/low.service/actions-runner.service").as_deref(), Some("low.service"));
         assert_eq!(unit_of("user.slice/user-1000.slice/session-3.scope").as_deref(), Some("session-3.scope"));
+        assert_eq!(unit_of("test-7/portcullis.slice/runner.service/x.service").as_deref(), Some("runner.service"));
         assert_eq!(unit_of("portcullis.slice/ci"), None);
         assert_eq!(unit_of(""), None);
     }
