@@ -290,7 +290,12 @@ pub fn parse(src: &str) -> Result<Policy, Vec<PolicyError>> {
 
     let mut names = HashSet::new();
     for s in raw_scopes {
+        let at = s.cgroup.as_ref().or(s.unit.as_ref()).map_or(s.name.span().start, |c| c.span().start);
         if let Some(scope) = scope(&mut errs, &mut names, s) {
+            if let Some(e) = scope_clash(&policy.scopes, &scope) {
+                errs.at(at, e);
+                continue;
+            }
             policy.scopes.push(scope);
         }
     }
@@ -407,6 +412,42 @@ fn unique(errs: &mut Errors<'_>, names: &mut HashSet<String>, kind: &str, name: 
         return false;
     }
     true
+}
+
+/// Why a scope cannot stand beside the ones before it: the programs find
+/// one scope per cgroup, at most `MAX_CGROUP_DEPTH` levels down, and a scope
+/// inside another would have its connects redirected twice.
+fn scope_clash(before: &[Scope], scope: &Scope) -> Option<String> {
+    match &scope.location {
+        ScopeLocation::Cgroup(path) => {
+            let depth = path.split('/').count();
+            if depth >= portcullis_common::MAX_CGROUP_DEPTH as usize {
+                return Some(format!(
+                    "cgroup path `{path}` is {depth} levels deep; scopes must be fewer than {} levels down",
+                    portcullis_common::MAX_CGROUP_DEPTH
+                ));
+            }
+            for b in before {
+                let ScopeLocation::Cgroup(other) = &b.location else { continue };
+                if other == path {
+                    return Some(format!("scope `{}` already guards cgroup `{path}`", b.name));
+                }
+                let inside = |inner: &str, outer: &str| inner.strip_prefix(outer).is_some_and(|r| r.starts_with('/'));
+                if inside(path, other) || inside(other, path) {
+                    return Some(format!(
+                        "cgroup `{path}` and scope `{}`'s `{other}` are nested; scopes must not contain each other",
+                        b.name
+                    ));
+                }
+            }
+        }
+        ScopeLocation::Unit(unit) => {
+            if let Some(b) = before.iter().find(|b| matches!(&b.location, ScopeLocation::Unit(u) if u == unit)) {
+                return Some(format!("scope `{}` already guards unit `{unit}`", b.name));
+            }
+        }
+    }
+    None
 }
 
 fn scope(errs: &mut Errors<'_>, names: &mut HashSet<String>, s: RawScope) -> Option<Scope> {
@@ -1272,6 +1313,22 @@ allow_tables = ["x"]
         assert!(has(&errs, 19, "applies to postgres targets only"), "{errs:?}");
         let e = errs.iter().find(|e| e.line == 14).unwrap();
         assert_eq!(e.column, 34, "column points at the bad pattern");
+    }
+
+    #[test]
+    fn scopes_that_would_clash_in_the_kernel_are_refused() {
+        let scopes =
+            |a: &str, b: &str| format!("version = 1\n[[scopes]]\nname = \"a\"\n{a}\n[[scopes]]\nname = \"b\"\n{b}\n");
+        let err = |a: &str, b: &str| {
+            parse(&scopes(a, b)).expect_err("refused").iter().map(|e| e.message.clone()).collect::<Vec<_>>().join("; ")
+        };
+        assert!(err("cgroup = \"x/y\"", "cgroup = \"x/y/\"").contains("already guards"));
+        assert!(err("cgroup = \"x\"", "cgroup = \"x/y\"").contains("nested"));
+        assert!(err("cgroup = \"x/y\"", "cgroup = \"x\"").contains("nested"));
+        assert!(err("unit = \"r.service\"", "unit = \"r.service\"").contains("already guards"));
+        let deep = vec!["d"; 32].join("/");
+        assert!(err("cgroup = \"x\"", &format!("cgroup = \"{deep}\"")).contains("levels deep"));
+        assert!(parse(&scopes("cgroup = \"x/y\"", "cgroup = \"x/yz\"")).is_ok(), "siblings sharing a prefix");
     }
 
     #[test]
