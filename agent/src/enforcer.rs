@@ -108,7 +108,14 @@ impl Enforcer {
         let mut revoked = 0;
         for e in live.values_mut() {
             let s = &e.info;
-            let Some(reason) = crate::policy::revalidate(&policy, &s.subject, s.orig_dst.0, s.approved) else {
+            let seen = crate::policy::SessionSeen {
+                subject: &s.subject,
+                dst: s.orig_dst.0,
+                approved: s.approved,
+                role: s.role.as_deref(),
+                target: &s.target,
+            };
+            let Some(reason) = crate::policy::revalidate(&policy, &seen) else {
                 continue;
             };
             if let Some(tx) = e.revoke.take() {

@@ -508,11 +508,24 @@ pub fn rule_ref(role: &Role, rule: &Rule) -> String {
 /// target and its role must still be admitted (for opaque `tcp`: its
 /// `connect` class; a held-and-approved connection stays while its rule
 /// still says approve).
-pub fn revalidate(policy: &Policy, subject: &Subject, dst: std::net::SocketAddr, approved: bool) -> Option<String> {
+pub fn revalidate(policy: &Policy, session: &SessionSeen<'_>) -> Option<String> {
+    let SessionSeen { subject, dst, approved, role: was_role, target: was_target } = *session;
     let Some(target) = policy.target_for(dst) else {
         return Some(format!("{dst} no longer matches a target"));
     };
     let role = role_for(policy, subject).map(|r| r.name.clone());
+    // The session goes on deciding with the role and target it was opened
+    // with: if either is no longer what the caller would get, it ends.
+    if role.as_deref() != was_role {
+        return Some(format!(
+            "the caller's role is now {} (the session has {})",
+            role.as_deref().unwrap_or("none"),
+            was_role.unwrap_or("none")
+        ));
+    }
+    if target.name != was_target {
+        return Some(format!("{dst} is now target {} (the session has {was_target})", target.name));
+    }
     let d = if target.protocol == Protocol::Tcp {
         decide_classes(policy, role.as_deref(), target, &["connect"])
     } else {
@@ -523,6 +536,18 @@ pub fn revalidate(policy: &Policy, subject: &Subject, dst: std::net::SocketAddr,
         Verdict::Approve if approved => None,
         _ => Some(format!("{} ({})", d.reason, d.rule)),
     }
+}
+
+/// An open session as [`revalidate`] sees it.
+#[derive(Clone, Copy)]
+pub struct SessionSeen<'a> {
+    pub subject: &'a Subject,
+    pub dst: std::net::SocketAddr,
+    /// Admitted by a human's approval.
+    pub approved: bool,
+    /// The role and target it was opened with.
+    pub role: Option<&'a str>,
+    pub target: &'a str,
 }
 
 /// The role's rule for `target`, or the denial that applies when there is
@@ -640,6 +665,24 @@ role = "ops"
         assert_eq!(role_for(&p, &s).unwrap().name, "ops");
         let s = subject(None, None, "portcullis.slice/low.service/x-admin");
         assert!(role_for(&p, &s).is_none(), "`*` does not cross a `/`");
+    }
+
+    #[test]
+    fn a_session_ends_when_its_role_or_target_is_no_longer_the_callers() {
+        let p = policy();
+        let s = subject(Some("ci"), Some("runner-1.service"), "portcullis.slice/ci/runner-1.service");
+        let dst = "127.0.0.53:5432".parse().unwrap();
+        let seen = |role, target| SessionSeen { subject: &s, dst, approved: false, role, target };
+        // Opened as ops on db (what the bindings give): it stays.
+        assert_eq!(role_for(&p, &s).unwrap().name, "ops");
+        assert_eq!(revalidate(&p, &seen(Some("ops"), "db")), None);
+        // Opened as reader (before a reload rebound the unit): it ends,
+        // though reader may use db too.
+        let r = revalidate(&p, &seen(Some("reader"), "db")).expect("revoked");
+        assert!(r.contains("role is now ops"), "{r}");
+        // Opened on another target that the address no longer maps to.
+        let r = revalidate(&p, &seen(Some("ops"), "old-db")).expect("revoked");
+        assert!(r.contains("now target db"), "{r}");
     }
 
     #[test]

@@ -6,7 +6,7 @@ pub mod model;
 
 pub use decide::{
     binding_for, decide_classes, decide_http, decide_session, decide_sql, revalidate, role_for, Decision, HttpDecision,
-    HttpRequest, SqlRequest, Subject, Verdict,
+    HttpRequest, SessionSeen, SqlRequest, Subject, Verdict,
 };
 pub use decide::{decide_git, GitDecision, GitRequest, GitService, RefKind};
 pub use load::{load_file, parse, PolicyError, PolicyErrors};
