@@ -227,12 +227,24 @@ pub struct Admitted {
 
 impl Proxy {
     pub fn new(session: &Session, admission: Decision, sni: Option<String>, tls: bool) -> Proxy {
+        // The secret is read once: what is injected and what is masked and
+        // kept out of the audit log are the same value (a rotation or a
+        // failed second read could otherwise inject one and mask none).
+        let read = std::cell::RefCell::new(None::<crate::credentials::Secret>);
+        let resolve_once = |r: &crate::policy::SecretRef| {
+            if let Some(s) = read.borrow().as_ref() {
+                return Ok(s.clone());
+            }
+            let s = crate::credentials::resolve(r)?;
+            *read.borrow_mut() = Some(s.clone());
+            Ok(s)
+        };
         let injection = match &session.target.credentials {
             None => Ok(None),
             Some(c) => c
                 .http_injection()
                 .map_err(|e| format!("credentials: {e}"))
-                .and_then(|spec| Injection::build(spec, crate::credentials::resolve).map_err(|e| e.to_string()))
+                .and_then(|spec| Injection::build(spec, resolve_once).map_err(|e| e.to_string()))
                 .map(Some),
         };
         if let Err(e) = &injection {
@@ -242,7 +254,7 @@ impl Proxy {
             (Some(c), Ok(Some(_))) => c
                 .http_injection()
                 .ok()
-                .and_then(|spec| request::injected_secrets(spec, crate::credentials::resolve).ok())
+                .and_then(|spec| request::injected_secrets(spec, resolve_once).ok())
                 .unwrap_or_default(),
             _ => Vec::new(),
         };
