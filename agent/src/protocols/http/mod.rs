@@ -638,6 +638,10 @@ impl Proxy {
             });
             let (mut parts, _) = resp.into_parts();
             request::strip_hop_by_hop(&mut parts.headers, true);
+            // The tunnel's bytes are not masked, its answer's headers are.
+            if let Some((mut m, _)) = masker {
+                mask::mask_headers(&mut m, &mut parts.headers);
+            }
             return Response::from_parts(parts, body::empty());
         }
         let (mut parts, incoming) = resp.into_parts();
