@@ -213,6 +213,33 @@ fn is_local(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b".%+-_".contains(&b)
 }
 
+/// The longest local part of an e-mail address (RFC 5321): a longer run
+/// before an `@` is not one, and a stream need look no further back.
+const MAX_LOCAL: usize = 64;
+/// The longest label and domain name (RFC 1035): what an e-mail's end is
+/// decided on is bounded too, so a stream's window sees all of it.
+const MAX_LABEL: usize = 63;
+const MAX_DOMAIN: usize = 253;
+
+/// How many bytes before a scan's start a detector may look at to decide
+/// a match that starts there (an e-mail's local part, a word boundary, an
+/// IBAN's two letters and what is before them, `private_` before `key`),
+/// with room for what comes between (the `@` after a local part).
+pub(super) const LOOK_BEHIND: usize = 2 * MAX_LOCAL;
+
+/// Whether a stream may be cut before `text[at]` and scanned on from there
+/// with [`LOOK_BEHIND`] bytes of what came before: no run that a detector
+/// walks back along without bound (an e-mail's address, the digits and
+/// single spaces a card number runs on from) goes on across the cut.
+pub(super) fn may_cut_before(text: &[u8], at: usize) -> bool {
+    let (a, b) = (text[at - 1], text[at]);
+    let digit = |i: usize| text.get(i).is_some_and(u8::is_ascii_digit);
+    let run = |b: u8| is_local(b) || b == b'@';
+    !(run(a) && run(b)
+        || a == b' ' && at >= 2 && digit(at - 2) && b.is_ascii_digit()
+        || b == b' ' && a.is_ascii_digit() && digit(at + 1))
+}
+
 /// A compiled set of detectors.
 pub struct Detectors {
     /// The enabled built-in patterns, anchored searches only.
@@ -247,7 +274,7 @@ struct MinLen {
     custom: usize,
 }
 
-/// A card has at least this many digits (see [`card_in`]).
+/// A card has at least this many digits (see [`cards_in`]).
 const CARD_MIN_DIGITS: usize = 13;
 
 /// The length of the shortest text `source` can match (0 if unknown, so
@@ -303,7 +330,7 @@ enum CandKind {
     Literal(usize),
     /// An `@` at this offset.
     Email(usize),
-    /// A digit run ending here.
+    /// A card number ending here.
     Card(usize),
 }
 
@@ -463,10 +490,10 @@ impl Detectors {
         if self.email && text.len() >= self.min.email {
             for p in memchr::memchr_iter(b'@', text) {
                 let mut a = p;
-                while a > 0 && is_local(text[a - 1]) {
+                while a > 0 && is_local(text[a - 1]) && p - a <= MAX_LOCAL {
                     a -= 1;
                 }
-                if a < p {
+                if a < p && p - a <= MAX_LOCAL {
                     cands.push(Cand { at: a, what: CandKind::Email(p) });
                 }
             }
@@ -482,7 +509,7 @@ impl Detectors {
                     cands.push(Cand { at: start - 2, what: CandKind::Pat(Pat::Iban) });
                 }
                 if self.card && digits >= 13 {
-                    cands.push(Cand { at: start, what: CandKind::Card(end) });
+                    cards_in_run(text, start, end, |a, b| cands.push(Cand { at: a, what: CandKind::Card(b) }));
                 }
             });
         }
@@ -502,8 +529,9 @@ impl Detectors {
                     email_end(text, at).map(|e| (Found { start: at, end: e, kind, context: at }, e))
                 }
                 _ if c.at < last_end => continue,
-                CandKind::Card(end) => card_run(text, c.at, end)
-                    .map(|(a, b)| (Found { start: a, end: b, kind: Kind::Builtin(Builtin::Card), context: a }, b)),
+                CandKind::Card(end) => {
+                    Some((Found { start: c.at, end, kind: Kind::Builtin(Builtin::Card), context: c.at }, end))
+                }
                 CandKind::Pat(p) => self.try_pat(scratch.anchored.as_mut(), text, c.at, p),
                 CandKind::Literal(i) => {
                     self.literal_pats[i].iter().find_map(|&p| self.try_pat(scratch.anchored.as_mut(), text, c.at, p))
@@ -565,8 +593,8 @@ impl Detectors {
 /// email or two, and starting the lazy DFA cost more than the match.
 ///
 /// The local part is the run of local characters, and must reach an `@`.
-/// The domain is labels (runs of letters, digits and `-`) joined by single
-/// dots; the pattern's greedy repetition makes the match end after the
+/// The domain is labels (runs of letters, digits and `-`, at most 63)
+/// joined by single dots, at most 253 in all (RFC 1035); the pattern's greedy repetition makes the match end after the
 /// leading letters of the last label after the first that starts with two
 /// letters (`a@b.cd9` is `a@b.cd`).
 fn email_end(text: &[u8], at: usize) -> Option<usize> {
@@ -576,10 +604,11 @@ fn email_end(text: &[u8], at: usize) -> Option<usize> {
     }
     let is_label = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-';
     let mut end = None;
-    let mut i = local + 1;
+    let domain = local + 1;
+    let mut i = domain;
     for n in 0.. {
         let label = text[i..].iter().take_while(|b| is_label(b)).count();
-        if label == 0 {
+        if label == 0 || label > MAX_LABEL || i + label - domain > MAX_DOMAIN {
             break;
         }
         let letters = text[i..i + label].iter().take_while(|b| b.is_ascii_alphabetic()).count();
@@ -672,17 +701,20 @@ fn digits_end(text: &[u8], mut from: usize) -> usize {
     text[from..].iter().position(|b| !b.is_ascii_digit()).map_or(text.len(), |k| from + k)
 }
 
-/// A card in the digit run `start..end`, with the word boundaries the
-/// pattern `\b[0-9](?:[ -]?[0-9]){12,}\b` would want.
-fn card_run(text: &[u8], mut start: usize, mut end: usize) -> Option<(usize, usize)> {
+/// Calls `f(start, end)` for every card in the digit run `start..end`, in
+/// order, with the word boundaries the pattern
+/// `\b[0-9](?:[ -]?[0-9]){12,}\b` would want.
+fn cards_in_run(text: &[u8], mut start: usize, mut end: usize, mut f: impl FnMut(usize, usize)) {
     let sep = |b: &u8| *b == b' ' || *b == b'-';
     if start > 0 && is_word(text[start - 1]) {
-        start += text[start..end].iter().position(sep)? + 1;
+        let Some(p) = text[start..end].iter().position(sep) else { return };
+        start += p + 1;
     }
     if end < text.len() && is_word(text[end]) {
-        end = start + text[start..end].iter().rposition(sep)?;
+        let Some(p) = text[start..end].iter().rposition(sep) else { return };
+        end = start + p;
     }
-    card_in(&text[start..end]).map(|(a, b)| (start + a, start + b))
+    cards_in(&text[start..end], |a, b| f(start + a, start + b));
 }
 
 /// Luhn check over ASCII digits.
@@ -701,56 +733,70 @@ pub fn luhn(digits: &[u8]) -> bool {
     sum % 10 == 0
 }
 
-/// Finds a card number in a run of digits with optional single spaces or
-/// dashes: 13 to 19 digits, Luhn-valid, an issuer's first digit (2-6), and
-/// either no separators or groups printed as cards are (4-4-4-4[-3],
-/// 4-6-5, 4-6-4). Returns the span within the run.
-fn card_in(run: &[u8]) -> Option<(usize, usize)> {
+/// Finds the card numbers in a run of digits with optional single spaces
+/// or dashes: 13 to 19 digits, Luhn-valid, an issuer's first digit (2-6),
+/// and either no separators or groups printed as cards are (4-4-4-4[-3],
+/// 4-6-5, 4-6-4). Calls `f` with each span within the run, in order.
+///
+/// Linear in the run: a card spans at most 19 digits, so no more groups
+/// than that are tried from each one.
+fn cards_in(run: &[u8], mut f: impl FnMut(usize, usize)) {
     // Groups: (start, end) of each digit group.
     let mut groups: Vec<(usize, usize)> = Vec::with_capacity(8);
     let mut start = 0;
     let mut sep: Option<u8> = None;
     for (i, &c) in run.iter().enumerate() {
         if !c.is_ascii_digit() {
-            // Mixed separators are not a card layout; split there.
-            if sep.is_some_and(|s| s != c) {
-                groups.push((start, i));
-                return card_in_groups(run, &groups)
-                    .or_else(|| card_in(&run[i + 1..]).map(|(a, b)| (a + i + 1, b + i + 1)));
-            }
-            sep = Some(c);
             groups.push((start, i));
             start = i + 1;
+            if sep.is_some_and(|s| s != c) {
+                // Mixed separators are not a card layout; split there.
+                cards_in_groups(run, &groups, &mut f);
+                groups.clear();
+                sep = None;
+            } else {
+                sep = Some(c);
+            }
         }
     }
     groups.push((start, run.len()));
-    card_in_groups(run, &groups)
+    cards_in_groups(run, &groups, &mut f);
 }
 
-fn card_in_groups(run: &[u8], groups: &[(usize, usize)]) -> Option<(usize, usize)> {
+fn cards_in_groups(run: &[u8], groups: &[(usize, usize)], f: &mut impl FnMut(usize, usize)) {
+    let len = |g: usize| groups[g].1 - groups[g].0;
     let ok = |a: usize, b: usize| -> bool {
         let digits: Vec<u8> = run[groups[a].0..groups[b].1].iter().copied().filter(u8::is_ascii_digit).collect();
         (13..=19).contains(&digits.len()) && (b'2'..=b'6').contains(&digits[0]) && luhn(&digits)
     };
-    if groups.len() == 1 {
-        let (s, e) = groups[0];
-        return ok(0, 0).then_some((s, e));
-    }
-    let len = |g: usize| groups[g].1 - groups[g].0;
-    for a in 0..groups.len() {
-        for b in a + 1..groups.len() {
-            let lens: Vec<usize> = (a..=b).map(len).collect();
-            let layout = match lens.as_slice() {
-                [4, 6, 5] | [4, 6, 4] => true,
-                [first @ .., last] => first.iter().all(|&l| l == 4) && (1..=4).contains(last),
-                [] => false,
+    let mut a = 0;
+    while a < groups.len() {
+        let mut digits = 0;
+        let mut card = None;
+        for b in a..groups.len() {
+            digits += len(b);
+            if digits > 19 {
+                break;
+            }
+            let layout = match b - a {
+                // No separators (a card among other numbers, or alone).
+                0 => true,
+                2 if len(a) == 4 && len(a + 1) == 6 && (4..=5).contains(&len(b)) => true,
+                _ => (a..b).all(|g| len(g) == 4) && (1..=4).contains(&len(b)),
             };
             if layout && ok(a, b) {
-                return Some((groups[a].0, groups[b].1));
+                card = Some(b);
+                break;
             }
         }
+        match card {
+            Some(b) => {
+                f(groups[a].0, groups[b].1);
+                a = b + 1;
+            }
+            None => a += 1,
+        }
     }
-    None
 }
 
 /// IBAN lengths by country (the SWIFT registry).
@@ -922,6 +968,14 @@ mod tests {
         is("write to alice.smith+x@mail.example.co.uk today", "alice.smith+x@mail.example.co.uk", Builtin::Email);
         is("<bob@example.org>", "bob@example.org", Builtin::Email);
         assert_eq!(one("user@localhost and @handle"), None);
+        // A local part is at most 64 characters.
+        let local = "a".repeat(64);
+        is(&format!("to {local}@example.com"), &format!("{local}@example.com"), Builtin::Email);
+        assert_eq!(one(&format!("to b{local}@example.com")), None);
+        // A label is at most 63 characters, a domain 253.
+        let label = "b".repeat(63);
+        is(&format!("x@{label}.com"), &format!("x@{label}.com"), Builtin::Email);
+        assert_eq!(one(&format!("x@{label}b.com")), None);
     }
 
     #[test]
@@ -942,6 +996,30 @@ mod tests {
         // A card after other digits of the same run.
         is("ref 12-4111-1111-1111-1111", "4111-1111-1111-1111", Builtin::Card);
         is("1234 4111 1111 1111 1111", "4111 1111 1111 1111", Builtin::Card);
+        is("qty 2 4111111111111111 ok", "4111111111111111", Builtin::Card);
+        // Every card in a run.
+        let d = Detectors::new(&[Builtin::Card], &[]).unwrap();
+        let two = found(&d, "4111 1111 1111 1111 5555 5555 5555 4444 9");
+        assert_eq!(
+            two.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(),
+            ["4111 1111 1111 1111", "5555 5555 5555 4444"]
+        );
+        is("12-5555555555554444-7", "5555555555554444", Builtin::Card);
+    }
+
+    #[test]
+    fn long_digit_runs_are_scanned_to_their_end() {
+        // A response of numbers joined by single spaces, or by separators
+        // that keep changing: each card in it, and no more work than the
+        // run is long (a cubic search or a recursion per separator would
+        // stall or overflow here).
+        let d = Detectors::new(&[Builtin::Card], &[]).unwrap();
+        for filler in ["1 ", "1-1 ", "12-34 "] {
+            let text =
+                format!("{}4111 1111 1111 1111 {}5555555555554444", filler.repeat(20_000), filler.repeat(20_000));
+            let cards: Vec<String> = found(&d, &text).into_iter().map(|(s, _)| s).collect();
+            assert_eq!(cards, ["4111 1111 1111 1111", "5555555555554444"], "with {filler:?}");
+        }
     }
 
     #[test]

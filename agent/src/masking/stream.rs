@@ -12,13 +12,23 @@
 //! for a window's worth of bytes: when its input pauses, the complete lines
 //! held back are let out ([`StreamMasker::release_lines`]) wherever no
 //! secret can run on past their end.
-use super::{detect::Found, SessionMasker};
+//!
+//! A stream masks as the whole text at once would. Where a window ends,
+//! the cut goes back to a place no detector's walk back crosses (not inside
+//! a word, an e-mail's local part or a run of digits), and the next scan
+//! starts with the last bytes let out before it, for the detectors that
+//! look a few bytes back (word boundaries, an IBAN's letters).
+use super::{
+    detect::{may_cut_before, Found, LOOK_BEHIND},
+    SessionMasker,
+};
 
 /// The default hold-back window.
 pub const DEFAULT_WINDOW: usize = 4096;
 /// The smallest window: room for the longest context a pattern needs before
-/// its secret (`aws_secret_access_key = ` and 40 characters).
-pub const MIN_WINDOW: usize = 256;
+/// its secret (`aws_secret_access_key = ` and 40 characters) and for all an
+/// e-mail's end is decided on (64 + 1 + 253 characters).
+pub const MIN_WINDOW: usize = 512;
 /// The most a stream holds back for one unfinished match.
 pub const MAX_HOLD: usize = 1 << 20;
 /// How much of a let-out match's start is kept to recognise its
@@ -40,7 +50,7 @@ const PROBES: [&[u8]; 3] = [
 enum Limit {
     /// All but the hold-back window.
     Window,
-    /// Up to this offset of `pending`.
+    /// Up to this offset of `pending` (never with a carried match).
     At(usize),
     /// Everything: the stream ended.
     End,
@@ -50,7 +60,10 @@ pub struct StreamMasker {
     m: SessionMasker,
     window: usize,
     max_hold: usize,
+    /// Bytes held; the first `behind` of them were let out already and
+    /// are kept only as what comes before the next scan.
     pending: Vec<u8>,
+    behind: usize,
     /// The start of a match let out before it ended.
     carry: Option<Vec<u8>>,
     /// Whether held lines may be let out early (no secret looked for can
@@ -62,7 +75,15 @@ impl StreamMasker {
     pub(super) fn new(m: SessionMasker, window: usize) -> StreamMasker {
         let window = window.max(2 * m.longest_credential()).max(MIN_WINDOW);
         let lines = !m.spans_lines();
-        StreamMasker { m, window, max_hold: MAX_HOLD.max(2 * window), pending: Vec::new(), carry: None, lines }
+        StreamMasker {
+            m,
+            window,
+            max_hold: MAX_HOLD.max(2 * window),
+            pending: Vec::new(),
+            behind: 0,
+            carry: None,
+            lines,
+        }
     }
 
     /// Lowers the hold bound (tests and memory-tight callers).
@@ -73,7 +94,7 @@ impl StreamMasker {
 
     /// Bytes received and not yet let out.
     pub fn held(&self) -> usize {
-        self.pending.len()
+        self.pending.len() - self.behind
     }
 
     /// Takes a chunk; appends to `out` what can be let out now.
@@ -81,7 +102,7 @@ impl StreamMasker {
         self.pending.extend_from_slice(chunk);
         // Scan when at least a window of new bytes is in, so each byte is
         // scanned about twice whatever the chunk sizes.
-        if self.pending.len() >= 2 * self.window {
+        if self.held() >= 2 * self.window {
             self.flush(Limit::Window, out);
         }
     }
@@ -96,8 +117,8 @@ impl StreamMasker {
         if !self.lines || self.carry.is_some() {
             return;
         }
-        let Some(nl) = self.pending.iter().rposition(|&b| b == b'\n') else { return };
-        let mut cut = nl + 1;
+        let Some(nl) = self.pending[self.behind..].iter().rposition(|&b| b == b'\n') else { return };
+        let mut cut = self.behind + nl + 1;
         if self.m.scans_text() {
             // All that is held, not just the last lines: a match may have
             // started well before them (a long private key's BEGIN line).
@@ -114,7 +135,7 @@ impl StreamMasker {
                 self.m.found.clear();
             }
         }
-        if cut > 0 {
+        if cut > self.behind {
             self.flush(Limit::At(cut), out);
         }
     }
@@ -123,46 +144,66 @@ impl StreamMasker {
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         self.flush(Limit::End, out);
         self.carry = None;
+        self.pending.clear();
+        self.behind = 0;
     }
 
     fn flush(&mut self, limit: Limit, out: &mut Vec<u8>) {
         let last = matches!(limit, Limit::End);
         if !self.m.scans_text() {
-            out.append(&mut self.pending);
+            out.extend_from_slice(&self.pending[self.behind..]);
+            self.pending.clear();
+            self.behind = 0;
             return;
         }
         // With a carried match start, scan it together with what came
-        // after it, to see whether the match goes on.
+        // after it, to see whether the match goes on; else scan what is
+        // held after the bytes kept from before it.
         let carry = self.carry.take();
         let joined;
         let (text, ctx): (&[u8], usize) = match &carry {
             Some(c) => {
-                joined = [c.as_slice(), &self.pending].concat();
+                joined = [c.as_slice(), &self.pending[self.behind..]].concat();
                 (&joined, c.len())
             }
-            None => (&self.pending, 0),
+            None => (&self.pending, self.behind),
         };
         self.m.collect(text);
         let mut found: Vec<Found> = std::mem::take(&mut self.m.found);
         let mut from = ctx;
-        if ctx > 0 {
+        if carry.is_some() {
             if let Some(f) = found.first().copied().filter(|f| f.start == 0 && f.end > ctx) {
                 found.remove(0);
                 if f.end == text.len() && !last {
                     // Still going: swallow everything and keep watching.
                     self.pending.clear();
+                    self.behind = 0;
                     self.carry = carry;
                     self.m.found = found;
                     return;
                 }
                 from = f.end;
             }
+        } else {
+            // What lies in the bytes let out before was dealt with then. A
+            // match that runs on from them was not seen then (a run longer
+            // than the window): mask what is left of it.
+            found.retain(|f| f.end > ctx);
+            for f in found.iter_mut().filter(|f| f.start < ctx) {
+                f.start = ctx;
+                f.context = f.context.max(ctx);
+            }
         }
         let len = text.len();
         let mut cut = match limit {
             Limit::End => len,
-            Limit::Window => len.saturating_sub(self.window).max(from),
-            Limit::At(c) => (ctx + c).clamp(from, len),
+            Limit::Window => {
+                let cut = len.saturating_sub(self.window).max(from);
+                // Back to a place a detector's walk back does not cross;
+                // a run longer than the window is cut where it must be.
+                (from + 1..=cut).rev().find(|&c| may_cut_before(text, c)).unwrap_or(cut)
+            }
+            Limit::At(c) => c.clamp(from, len),
         };
         let mut carry_next = None;
         if let Some(f) = found.iter().find(|f| f.end > cut).copied() {
@@ -180,8 +221,16 @@ impl StreamMasker {
         }
         let emitted: Vec<Found> = found.iter().copied().filter(|f| f.start >= from && f.end <= cut).collect();
         self.m.render(text, &emitted, from, cut, out);
-        let consumed = cut - ctx;
-        self.pending.drain(..consumed.min(self.pending.len()));
+        // Keep the last bytes let out as what comes before the next scan,
+        // a carried match's among them (none while a match let out may go
+        // on: its start is the context).
+        let keep = if carry_next.is_some() { 0 } else { cut.min(LOOK_BEHIND) };
+        match &carry {
+            None => drop(self.pending.drain(..cut - keep)),
+            Some(c) if cut - keep < ctx => drop(self.pending.splice(0..0, c[cut - keep..].iter().copied())),
+            Some(_) => drop(self.pending.drain(..cut - keep - ctx)),
+        }
+        self.behind = keep;
         self.carry = carry_next;
         found.clear();
         self.m.found = found;
@@ -355,6 +404,71 @@ mod tests {
         s.push(b"x line-one\n", &mut out);
         s.release_lines(&mut out);
         assert!(out.is_empty());
+    }
+
+    /// Masks `text` whole and as a stream at every chunk size given.
+    fn assert_stream_is_whole(m: &SessionMasker, text: &[u8], sizes: &[usize]) {
+        let mut w = m.clone();
+        let mut whole = Vec::new();
+        if w.mask_text(text, super::super::NullAs::Remove, &mut whole) == super::super::Outcome::Unchanged {
+            whole = text.to_vec();
+        }
+        for &size in sizes {
+            let mut s = m.stream(0);
+            let got = through(&mut s, text, size);
+            assert!(
+                got == whole,
+                "chunks of {size}\nstream: {:?}\nwhole:  {:?}",
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(&whole)
+            );
+        }
+    }
+
+    #[test]
+    fn a_cut_anywhere_sees_what_comes_before_it() {
+        // What a detector checks before a match (a word boundary, an IBAN's
+        // letters, `api_` before `key`, an e-mail's local part, the digits a
+        // card number runs on from) is the same on either side of wherever
+        // a window ends.
+        let m = masker(&["detector:*"], &[], &[]);
+        let tails: [&str; 7] = [
+            "xRghs_fi99999999999999999999999999999999999999 and on",
+            ", ghs_fi99999999999999999999999999999999999999 and on",
+            "xDE89 3704 0044 0532 0130 00 then",
+            " api_key = s3cr3tv4lu3xyz0 then",
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.bb@example.com then",
+            "1234 4111 1111 1111 1111 then",
+            "x4111 1111 1111 1111 then",
+        ];
+        for tail in tails {
+            for pad in 200..320 {
+                let text = format!("{}{tail}{}", "w ".repeat(pad / 2) + &"w".repeat(pad % 2), " z".repeat(300));
+                assert_stream_is_whole(&m, text.as_bytes(), &[1, 5]);
+            }
+        }
+    }
+
+    #[test]
+    fn runs_longer_than_the_window_mask_as_whole() {
+        // No place to cut between a window's end and a run's start: the
+        // detectors look back a bounded way into the run (an e-mail's local
+        // part is at most 64 characters), so a cut inside it changes nothing.
+        let m = masker(&["detector:*"], &[], &[]);
+        let tails = [
+            format!("{}@example.com then", "a".repeat(1000)),
+            format!("{}b@example.com then", "a-".repeat(400)),
+            format!("{}@{}.com then", "a".repeat(40), "b".repeat(700)),
+            format!("{}.com then", "x@b".repeat(300)),
+            format!("{} then", "4111 1111 1111 1111 ".repeat(60)),
+            format!("{}4111111111111111 then", "1 ".repeat(600)),
+        ];
+        for tail in tails {
+            for pad in (200..600).step_by(13) {
+                let text = format!("{}{tail}{}", "w ".repeat(pad / 2), " z".repeat(300));
+                assert_stream_is_whole(&m, text.as_bytes(), &[1, 5, 64]);
+            }
+        }
     }
 
     #[test]
