@@ -296,9 +296,16 @@ pub fn decide_http(policy: &Policy, role: Option<&str>, target: &Target, req: &H
         return plain(deny(format!("{} is never forwarded", req.method)));
     }
     let lists = [(Verdict::Deny, &http.deny), (Verdict::Approve, &http.approve), (Verdict::Allow, &http.allow)];
+    // Deny and approve entries match the path as any server may read it,
+    // allow entries only as it is forwarded: when in doubt, the stricter.
+    let loose = loose_path(req.path);
     let mut best: Option<(u8, Verdict, &HttpPattern)> = None;
     for (verdict, list) in lists {
-        for p in list.iter().filter(|p| p.matches(req.method, req.path)) {
+        let covers = |p: &&HttpPattern| match verdict {
+            Verdict::Allow => p.matches(req.method, req.path),
+            _ => p.matches_loosely(req.method, req.path, &loose),
+        };
+        for p in list.iter().filter(covers) {
             // Higher rank wins; at equal rank the first list (deny) stays.
             if best.is_none_or(|(r, _, _)| p.rank() > r) {
                 best = Some((p.rank(), verdict, p));
@@ -407,15 +414,61 @@ pub struct GitDecision {
     pub max_body: u64,
 }
 
-/// Decides a git request. The first `repos` entry whose path matches the
-/// repository decides (none: denied). Fetch needs `fetch = true`; the ref
+/// Decides a git request under every name the server may serve its
+/// repository path as (see [`repo_readings`]): the worst decision among
+/// the names that some `repos` entry covers stands, so `org/locked`,
+/// `org/locked/.git` or `Org/Locked.git` get no more than `org/locked.git`.
+pub fn decide_git(policy: &Policy, role: Option<&str>, target: &Target, req: &GitRequest<'_>) -> GitDecision {
+    let mut worst: Option<GitDecision> = None;
+    let mut unmatched = None;
+    for repo in repo_readings(req.repo) {
+        let (d, matched) = decide_git_as(policy, role, target, &GitRequest { repo: &repo, ..*req });
+        if !matched {
+            // A name no entry covers says nothing: the entry for another
+            // name of the same repository decides.
+            unmatched.get_or_insert(d);
+        } else if worst.as_ref().is_none_or(|w| d.decision.verdict > w.decision.verdict) {
+            worst = Some(d);
+        }
+    }
+    worst.or(unmatched).expect("the path as written is a reading")
+}
+
+/// The paths a server may serve a request for `repo` from: git's own
+/// lookup tries `X/.git`, `X`, `X.git/.git` and `X.git` in turn, a trailing
+/// `/` changes nothing, and forges ignore case. The path as written comes
+/// first.
+pub fn repo_readings(repo: &str) -> Vec<String> {
+    let base = repo.trim_end_matches('/');
+    let stem = base.strip_suffix("/.git").or_else(|| base.strip_suffix(".git")).unwrap_or(base);
+    let mut out: Vec<String> = Vec::with_capacity(8);
+    for r in
+        [repo.to_string(), stem.to_string(), format!("{stem}.git"), format!("{stem}/.git"), format!("{stem}.git/.git")]
+    {
+        for r in [r.to_ascii_lowercase(), r] {
+            if !r.is_empty() && !out.contains(&r) {
+                out.push(r);
+            }
+        }
+    }
+    // As written first.
+    if let Some(i) = out.iter().position(|r| r == repo) {
+        let r = out.remove(i);
+        out.insert(0, r);
+    }
+    out
+}
+
+/// Decides a git request for one reading of its repository path; also
+/// says whether some `repos` entry covered it. The first `repos` entry
+/// whose path matches the repository decides (none: denied). Fetch needs `fetch = true`; the ref
 /// discovery before a push needs some push right. Each ref change needs
 /// its ref in `create`, `update` or `delete` by kind; a force push needs
 /// the ref in `update` and then gets `force` (allow, deny, approve); an
 /// allowed change to a ref in `approve` is held. A push is as dangerous as
 /// its worst ref.
-pub fn decide_git(policy: &Policy, role: Option<&str>, target: &Target, req: &GitRequest<'_>) -> GitDecision {
-    let plain = |decision| GitDecision { decision, refs: Vec::new(), max_body: DEFAULT_GIT_MAX_BODY };
+fn decide_git_as(policy: &Policy, role: Option<&str>, target: &Target, req: &GitRequest<'_>) -> (GitDecision, bool) {
+    let plain = |decision| (GitDecision { decision, refs: Vec::new(), max_body: DEFAULT_GIT_MAX_BODY }, true);
     let (role, rule) = match rule_of(policy, role, target) {
         Err(d) => return plain(d),
         Ok(x) => x,
@@ -433,12 +486,11 @@ pub fn decide_git(policy: &Policy, role: Option<&str>, target: &Target, req: &Gi
         mask: Vec::new(),
         approval_timeout: timeout,
     };
-    let out = |d: Decision, refs| GitDecision { decision: d, refs, max_body: git.max_body };
+    let out = |d: Decision, refs| (GitDecision { decision: d, refs, max_body: git.max_body }, true);
     let Some(repo) = git.repos.iter().find(|r| r.path.matches(req.repo)) else {
-        return out(
-            decision(Verdict::Deny, rref, format!("repository {} matches no `repos` entry (default deny)", req.repo)),
-            Vec::new(),
-        );
+        let d =
+            decision(Verdict::Deny, rref, format!("repository {} matches no `repos` entry (default deny)", req.repo));
+        return (GitDecision { decision: d, refs: Vec::new(), max_body: git.max_body }, false);
     };
     let rref = format!("{rref}.repos[{}]", repo.index);
     match req.service {
@@ -813,6 +865,30 @@ target = "api"
     }
 
     #[test]
+    fn http_deny_and_approve_match_every_reading_of_the_path_allow_only_one() {
+        let v = |role: &str, m: &str, path: &str| http(role, m, path).decision.verdict;
+        for path in
+            ["/Admin/users", "/ADMIN/USERS", "/admin;jsessionid=1/users", "/admin%2Fusers", "/admin/users/", "/admin"]
+        {
+            assert_eq!(v("agent", "GET", path), Verdict::Deny, "{path}");
+        }
+        assert_eq!(v("agent", "GET", "/repos/a/wiki/Secret/x"), Verdict::Deny, "deny beats an allow of equal rank");
+        assert_eq!(v("agent", "GET", "/repos/a/wiki/secret;v=2/x"), Verdict::Deny);
+        assert_eq!(v("ws", "GET", "/Private/x"), Verdict::Deny);
+        assert_eq!(v("agent", "PUT", "/repos/a/RELEASES/1"), Verdict::Approve);
+        assert_eq!(v("agent", "PUT", "/repos/a/releases;x/1"), Verdict::Approve);
+        // An allow entry covers the path as forwarded only.
+        assert_eq!(v("agent", "POST", "/repos/a/issues"), Verdict::Allow);
+        assert_eq!(v("agent", "POST", "/repos/a/Issues"), Verdict::Deny);
+        assert_eq!(v("agent", "POST", "/repos/a/issues;x"), Verdict::Deny);
+        // Names that only start alike are other paths.
+        assert_eq!(v("agent", "GET", "/administrator"), Verdict::Allow);
+        assert_eq!(loose_path("/a;x/b%2Fc%3Bd/"), "/a/b/c");
+        assert_eq!(loose_path("/"), "/");
+        assert_eq!(loose_path("/;x/"), "/");
+    }
+
+    #[test]
     fn trace_and_connect_are_never_forwarded() {
         for m in ["TRACE", "CONNECT"] {
             let d = http("ws", m, "/").decision;
@@ -973,6 +1049,18 @@ target = "forge"
 path = "**"
 fetch = true
 update = ["refs/heads/feature/*"]
+
+[[roles]]
+name = "broad"
+[[roles.rules]]
+target = "forge"
+[[roles.rules.repos]]
+path = "org/locked.git"
+fetch = true
+[[roles.rules.repos]]
+path = "**"
+fetch = true
+update = ["refs/**"]
 "#;
 
     fn git(role: &str, service: GitService, repo: &str, refs: &[(&str, RefKind)]) -> GitDecision {
@@ -997,6 +1085,31 @@ update = ["refs/heads/feature/*"]
         assert!(d.decision.reason.contains("no ref"), "{}", d.decision.reason);
         assert_eq!(git("agent", ReceivePack, "org/app.git", &[]).decision.verdict, Verdict::Allow);
         assert_eq!(git("nobody", UploadPack, "org/app.git", &[]).decision.verdict, Verdict::Deny);
+    }
+
+    #[test]
+    fn git_repository_names_the_server_may_resolve_alike_decide_alike() {
+        use GitService::ReceivePack as P;
+        let main = [("refs/heads/main", RefKind::Update)];
+        // git serves `org/locked` from `org/locked.git` (or `org/locked/.git`),
+        // a forge ignores case: none of them dodges the locked entry for `**`.
+        for repo in ["org/locked.git", "org/locked", "org/locked/", "org/locked/.git", "Org/Locked.git", "org/LOCKED"] {
+            let d = git("broad", P, repo, &main);
+            assert_eq!(d.decision.verdict, Verdict::Deny, "{repo}: {}", d.decision.reason);
+            assert_eq!(d.decision.rule, "roles.broad.rules[0].repos[0]", "{repo}");
+            assert_eq!(git("broad", GitService::UploadPack, repo, &[]).decision.verdict, Verdict::Allow, "{repo}");
+        }
+        assert_eq!(git("broad", P, "org/app", &main).decision.verdict, Verdict::Allow);
+        // A name no entry covers does not deny what another name is allowed.
+        assert_eq!(
+            git("agent", P, "org/app", &[("refs/heads/feature/a", RefKind::Update)]).decision.verdict,
+            Verdict::Allow
+        );
+        assert_eq!(
+            git("agent", P, "other/app", &[("refs/heads/feature/a", RefKind::Update)]).decision.verdict,
+            Verdict::Deny
+        );
+        assert_eq!(repo_readings("a/b.git")[0], "a/b.git", "as written first");
     }
 
     #[test]

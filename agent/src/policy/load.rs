@@ -846,19 +846,24 @@ fn http_pattern(text: &str) -> Result<HttpPattern, String> {
             if p.split('/').any(|seg| seg == "." || seg == "..") {
                 return Err(format!("path pattern `{p}` must not contain `.` or `..` segments"));
             }
-            let glob = globset::GlobBuilder::new(p)
-                .literal_separator(true)
-                .backslash_escape(true)
-                .build()
-                .map_err(|e| format!("bad path pattern `{p}`: {e}"))?;
-            Some(glob.compile_matcher())
+            let glob = |loose: bool| {
+                globset::GlobBuilder::new(p)
+                    .literal_separator(true)
+                    .backslash_escape(true)
+                    .case_insensitive(loose)
+                    .build()
+                    .map(|g| g.compile_matcher())
+                    .map_err(|e| format!("bad path pattern `{p}`: {e}"))
+            };
+            Some((glob(false)?, glob(true)?))
         }
     };
+    let (path, loose) = path.unzip();
     let text = match &path {
         None => class.to_string(),
         Some(_) => format!("{class} {}", text[class.len()..].trim()),
     };
-    Ok(HttpPattern { class: class.to_string(), path, text })
+    Ok(HttpPattern { class: class.to_string(), path, loose, text })
 }
 
 /// `1024`, `512KiB`, `10MiB`, `1GiB` (binary) or `10KB`, `10MB`, `1GB`

@@ -450,6 +450,9 @@ pub struct HttpPattern {
     /// Path glob: `*` matches within one segment, `**` across segments.
     #[serde(skip)]
     pub path: Option<GlobMatcher>,
+    /// The same glob without regard to case, for [`loose_path`].
+    #[serde(skip)]
+    pub loose: Option<GlobMatcher>,
     /// As written in the policy.
     pub text: String,
 }
@@ -468,14 +471,52 @@ impl HttpPattern {
     /// Whether the entry covers a request with this method and
     /// (normalised) path.
     pub fn matches(&self, method: &str, path: &str) -> bool {
-        let class_ok = match self.class.as_str() {
+        self.covers_method(method) && self.path.as_ref().is_none_or(|g| g.is_match(path))
+    }
+
+    /// Whether the entry covers the request under any reading a server may
+    /// give its path: as it is, or as [`loose_path`] gives it (`loose`), with
+    /// or without a trailing `/`, in any case. Deny and approve entries
+    /// match so: a rule that keeps `/admin/**` out keeps out `/Admin/`,
+    /// `/admin;x/users` and `/admin%2Fusers` too.
+    pub fn matches_loosely(&self, method: &str, path: &str, loose: &str) -> bool {
+        if !self.covers_method(method) {
+            return false;
+        }
+        match (&self.path, &self.loose) {
+            (None, _) => true,
+            (Some(g), Some(l)) => g.is_match(path) || l.is_match(loose) || l.is_match(format!("{loose}/")),
+            (Some(g), None) => g.is_match(path),
+        }
+    }
+
+    fn covers_method(&self, method: &str) -> bool {
+        match self.class.as_str() {
             "*" => true,
             "read" => is_read_method(method),
             "write" => !is_read_method(method),
             m => m == method,
-        };
-        class_ok && self.path.as_ref().is_none_or(|g| g.is_match(path))
+        }
     }
+}
+
+/// A path as the most lenient server reads it: `%2F` and `%3B` decoded,
+/// `;parameters` dropped from every segment, no trailing `/` (the root
+/// stays `/`). Matched without regard to case.
+pub fn loose_path(path: &str) -> String {
+    let decoded = path.replace("%2F", "/").replace("%3B", ";");
+    let mut out = String::with_capacity(decoded.len());
+    for seg in decoded.split('/').skip(1) {
+        out.push('/');
+        out.push_str(seg.split(';').next().unwrap_or_default());
+    }
+    while out.len() > 1 && out.ends_with('/') {
+        out.pop();
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
 }
 
 /// Methods that do not change state: the `read` class. TRACE is left out
