@@ -156,6 +156,7 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
         Workers::start(config.workers).map_err(|e| Error::Other(format!("starting connection workers: {e}")))?,
     );
     tokio::spawn(intercept::serve(v4, enforcer.clone(), workers.clone()));
+    tokio::spawn(intercept::record_suppressed(enforcer.clone()));
     if let Some(v6) = v6 {
         tokio::spawn(intercept::serve(v6, enforcer.clone(), workers.clone()));
     }

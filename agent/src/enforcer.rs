@@ -15,7 +15,7 @@ use crate::{
     approvals::Approvals,
     audit::Audit,
     ids::{OrigDst, SessionId},
-    intercept::{cgroup::CgroupResolver, probes::ConnTable},
+    intercept::{cgroup::CgroupResolver, flood::FloodGate, probes::ConnTable},
     policy::{Decision, Policy, Verdict},
     tls::LocalCa,
 };
@@ -39,6 +39,8 @@ pub struct Enforcer {
     /// Requests held for a human's approval.
     pub approvals: Arc<Approvals>,
     pub stats: Stats,
+    /// Rate of unattributed connections recorded one by one.
+    pub flood: FloodGate,
     live: Mutex<BTreeMap<SessionId, LiveEntry>>,
 }
 
@@ -67,6 +69,7 @@ impl Enforcer {
             ca,
             approvals,
             stats: Stats::default(),
+            flood: FloodGate::default(),
             live: Mutex::new(BTreeMap::new()),
         }
     }

@@ -1,6 +1,8 @@
 //! End to end through the real eBPF path: redirection, attribution,
 //! roles, egress, fail-closed restarts and reloads.
-use portcullis_tests::{require_root, servers::EchoServer, Agent};
+use std::time::Duration;
+
+use portcullis_tests::{fixtures::wait_until, require_root, servers::EchoServer, Agent};
 
 /// Two scopes, one TCP target each way, an egress-deny scope with a DNS-like
 /// exception. `@CG@` is the test's own cgroup subtree; `@ECHO@`,
@@ -212,6 +214,34 @@ fn unguarded_process_dialling_the_enforcer_gets_nothing() {
     assert_eq!(r["connected"], false, "{r}");
     assert_eq!(r["errno"], libc::EPERM, "{r}");
     f.agent.wait_audit("enforcer direct", |r| r["type"] == "kernel_refusal" && r["kind"] == "enforcer_port_direct");
+
+    // A flood of them is recorded up to a rate and counted past it: every
+    // one is accounted for, and the log does not grow a line per connect.
+    const FLOOD: u64 = 1000;
+    for _ in 0..FLOOD {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", f.agent.port)).expect("listener is up");
+        let _ = s.read_to_end(&mut Vec::new());
+    }
+    let accounted = |records: &[serde_json::Value]| -> (u64, u64) {
+        let one_by_one = records.iter().filter(|r| r["type"] == "unattributed").count() as u64;
+        let counted: u64 = records
+            .iter()
+            .filter(|r| r["type"] == "unattributed_suppressed")
+            .map(|r| r["count"].as_u64().expect("count"))
+            .sum();
+        (one_by_one, counted)
+    };
+    let (one_by_one, counted) = wait_until(Duration::from_secs(15), || {
+        let (a, b) = accounted(&f.agent.audit());
+        (a + b == FLOOD + 1).then_some((a, b))
+    })
+    .unwrap_or_else(|| panic!("not every connection accounted for: {:?}", accounted(&f.agent.audit())));
+    assert!(counted > 0, "{one_by_one} recorded one by one, none counted");
+    let metrics = f.agent.metrics_text();
+    assert!(
+        metrics.lines().any(|l| l == format!("portcullis_connections_unattributed_total {}", FLOOD + 1)),
+        "{metrics}"
+    );
 }
 
 #[test]

@@ -194,6 +194,12 @@ pub enum Event {
         peer: String,
         reason: String,
     },
+    /// Unattributed connections past the rate recorded one by one
+    /// (`intercept::flood`), counted over the last second or so.
+    UnattributedSuppressed {
+        count: u64,
+        per_second: u32,
+    },
     /// A request held for approval.
     ApprovalRequested {
         id: u64,

@@ -5,6 +5,7 @@
 pub mod attribution;
 pub mod cgroup;
 pub mod events;
+pub mod flood;
 pub mod probes;
 pub mod sys;
 
@@ -25,10 +26,36 @@ use crate::{
 /// An accepted connection that could not be handed to a worker (it is
 /// closed): logged and recorded like one that could not be attributed.
 fn lost(enforcer: &Enforcer, peer: std::net::SocketAddr, e: &std::io::Error) {
+    unattributed(enforcer, peer, format!("could not be handed to a worker: {e}"));
+}
+
+/// Counts, logs and records a connection closed before it was attributed;
+/// past [`flood::PER_SECOND`] a second only counts it (see
+/// [`record_suppressed`]).
+fn unattributed(enforcer: &Enforcer, peer: SocketAddr, reason: String) {
     Stats::inc(&enforcer.stats.unattributed);
-    warn!(error = %e, peer = %peer, "accepted connection could not be served; closed");
-    let reason = format!("could not be handed to a worker: {e}");
-    enforcer.audit.record(Event::Unattributed { peer: peer.to_string(), reason });
+    if enforcer.flood.admit(std::time::Instant::now()) {
+        warn!(peer = %peer, reason = %reason, "unattributed connection closed");
+        enforcer.audit.record(Event::Unattributed { peer: peer.to_string(), reason });
+    }
+}
+
+/// Records, once a second, how many unattributed connections were only
+/// counted.
+pub async fn record_suppressed(enforcer: Arc<Enforcer>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let count = enforcer.flood.take_suppressed();
+        if count > 0 {
+            warn!(
+                count,
+                per_second = flood::PER_SECOND,
+                "unattributed connections past the rate: counted, not recorded one by one"
+            );
+            enforcer.audit.record(Event::UnattributedSuppressed { count, per_second: flood::PER_SECOND });
+        }
+    }
 }
 
 /// Accepts connections until the listener fails, handing each to a worker.
@@ -71,9 +98,7 @@ async fn handle(enforcer: Arc<Enforcer>, stream: TcpStream, peer: SocketAddr) {
                 Err(e) => format!("kernel record: {e}"),
                 _ => "no kernel record: the connection did not come through a guarded scope".into(),
             };
-            Stats::inc(&enforcer.stats.unattributed);
-            warn!(peer = %peer, reason = %reason, "unattributed connection closed");
-            enforcer.audit.record(Event::Unattributed { peer: peer.to_string(), reason });
+            unattributed(&enforcer, peer, reason);
             // Reset rather than close politely: the peer gets nothing.
             let linger = libc::linger { l_onoff: 1, l_linger: 0 };
             let _ = nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &linger);
