@@ -548,9 +548,6 @@ fn target(errs: &mut Errors<'_>, names: &mut HashSet<String>, t: RawTarget) -> O
             }
         },
     };
-    if upstream == Upstream::Original && matches.iter().any(|m| m.port.is_none()) {
-        // `*` ports are fine: the caller's port is kept.
-    }
     let hosts: Vec<String> =
         t.hosts.unwrap_or_default().into_iter().map(|h| h.into_inner().to_ascii_lowercase()).collect();
     let tls = t.tls.map(|r| TargetTls {
@@ -582,20 +579,30 @@ fn target(errs: &mut Errors<'_>, names: &mut HashSet<String>, t: RawTarget) -> O
         }
         creds
     });
+    // Injected credentials go where the connection goes: without an
+    // `upstream`, to the address the caller dialled. Matched by a network
+    // or a `*` port, that may be a host or port the caller runs itself,
+    // unless verified TLS to a named host keeps the credential from it.
+    let tls = tls.unwrap_or_default();
+    let verified_name = tls.upstream && (tls.server_name.is_some() || !hosts.is_empty());
+    if credentials.is_some() && upstream == Upstream::Original && !verified_name {
+        if let Some(m) = matches.iter().find(|m| m.net.prefix_len() != m.net.max_prefix_len() || m.port.is_none()) {
+            errs.at_span(
+                &t.matches,
+                format!(
+                    "`{}` covers more than one address and port, and this target injects credentials: name its \
+                     `upstream` (or verify upstream TLS against a host name), else the credentials go to whatever \
+                     the caller dials",
+                    m.text
+                ),
+            );
+        }
+    }
     if errs.list.len() != before {
         return None;
     }
     let name = t.name.into_inner();
-    Some(Target {
-        id: name_id("target", &name),
-        name,
-        protocol: protocol?,
-        matches,
-        upstream,
-        hosts,
-        tls: tls.unwrap_or_default(),
-        credentials,
-    })
+    Some(Target { id: name_id("target", &name), name, protocol: protocol?, matches, upstream, hosts, tls, credentials })
 }
 
 fn parse_duration(s: &str) -> Option<Duration> {
@@ -1133,6 +1140,26 @@ approval_timeout = "soon"
     fn secrets_take_exactly_one_source() {
         let src = "version = 1\n[[targets]]\nname = \"c\"\nprotocol = \"postgres\"\nmatch = [\"127.0.0.1:1\"]\n[targets.credentials]\nuser = \"u\"\npassword = { file = \"/a\", env = \"B\" }\n";
         assert!(has(&errors(src), 8, "exactly one of"));
+    }
+
+    #[test]
+    fn credentials_need_one_destination() {
+        let t = |matches: &str, extra: &str| {
+            format!(
+                "version = 1\n[[targets]]\nname = \"c\"\nprotocol = \"postgres\"\nmatch = [{matches}]\n{extra}[targets.credentials]\nuser = \"u\"\npassword = {{ env = \"P\" }}\n"
+            )
+        };
+        for m in ["\"127.1.0.0/16:5432\"", "\"127.0.0.1:*\"", "\"127.0.0.53:5432\", \"*:5432\""] {
+            let errs = errors(&t(m, ""));
+            assert!(has(&errs, 5, "this target injects credentials: name its `upstream`"), "{m}: {errs:?}");
+        }
+        // One address, a named upstream, or TLS verified against a name.
+        assert!(parse(&t("\"127.0.0.53:5432\"", "")).is_ok());
+        assert!(parse(&t("\"127.1.0.0/16:5432\"", "upstream = \"127.0.0.1:5432\"\n")).is_ok());
+        let tls = "hosts = [\"db.example.test\"]\n[targets.tls]\nupstream = true\n";
+        assert!(parse(&t("\"127.1.0.0/16:5432\"", tls)).is_ok());
+        let unnamed = "[targets.tls]\nupstream = true\n";
+        assert!(has(&errors(&t("\"127.1.0.0/16:5432\"", unnamed)), 5, "injects credentials"));
     }
 
     const HTTP_HEAD: &str = "version = 1\n[[targets]]\nname = \"api\"\nprotocol = \"http\"\nmatch = [\"127.1.0.1:443\"]\n[[targets]]\nname = \"t\"\nprotocol = \"tcp\"\nmatch = [\"127.0.0.1:1\"]\n[[roles]]\nname = \"r\"\n";
