@@ -318,6 +318,10 @@ pub struct ExplainArgs {
     /// create, update (fast-forward), force, delete (repeatable).
     #[arg(long = "ref", requires = "repo")]
     pub git_refs: Vec<String>,
+    /// git targets: a push option the push carries (`git push -o`;
+    /// repeatable, with `--ref`).
+    #[arg(long = "push-option", requires = "git_refs")]
+    pub push_options: Vec<String>,
     /// postgres targets: SQL text, classified as the enforcer does (classes,
     /// tables, functions; every statement of it).
     #[arg(long, conflicts_with_all = ["classes", "repo", "method"])]
@@ -611,7 +615,7 @@ async fn explain(a: ExplainArgs) -> anyhow::Result<i32> {
     let mut classes: Vec<&str> = a.classes.iter().map(String::as_str).collect();
     let sql_shown;
     let decision = if let Some(repo) = a.repo.as_deref() {
-        git_explain(&policy, role, target, repo, &a.git_refs, &mut classes)?
+        git_explain(&policy, role, target, repo, (&a.git_refs, &a.push_options), &mut classes)?
     } else if let Some(sql) = a.sql.as_deref() {
         anyhow::ensure!(target.protocol == policy::Protocol::Postgres, "--sql is for postgres targets");
         let (d, shown) = sql_explain(&policy, role, target, sql);
@@ -730,7 +734,7 @@ fn git_explain<'a>(
     role: Option<&str>,
     target: &policy::Target,
     repo: &str,
-    refs: &'a [String],
+    (refs, options): (&'a [String], &[String]),
     shown: &mut Vec<&'a str>,
 ) -> anyhow::Result<policy::Decision> {
     use policy::{decide_git, GitRequest, GitService, RefKind};
@@ -749,7 +753,8 @@ fn git_explain<'a>(
     }
     let service = if parsed.is_empty() { GitService::UploadPack } else { GitService::ReceivePack };
     let repo = repo.trim_start_matches('/');
-    let d = decide_git(policy, role, target, &GitRequest { service, repo, refs: &parsed });
+    let push_options: Vec<&str> = options.iter().map(String::as_str).collect();
+    let d = decide_git(policy, role, target, &GitRequest { service, repo, refs: &parsed, push_options: &push_options });
     for ((name, kind), rd) in parsed.iter().zip(&d.refs) {
         eprintln!("  {} {name}: {} ({})", kind.name(), rd.verdict, rd.reason);
     }

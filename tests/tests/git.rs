@@ -96,6 +96,7 @@ create = ["refs/heads/feature/*"]
 update = ["refs/heads/feature/*"]
 delete = []
 force = "deny"
+push_options = ["topic=*"]
 [[roles.rules.repos]]
 path = "held/*.git"
 fetch = true
@@ -304,6 +305,51 @@ fn pushes_over_tls_are_decided_ref_by_ref() {
     assert!(!config.contains(TOKEN) && !config.contains('@'), "{config}");
     let log = f.agent.audit().iter().map(|r| r.to_string()).collect::<String>();
     assert!(!log.contains(TOKEN), "the audit log never holds the credential");
+}
+
+#[test]
+fn push_options_are_decided_and_recorded() {
+    let Some(f) = fixture() else { return };
+    let bare = f.tls.create_repo("org/opts.git");
+    git_ok(None, &["--git-dir", bare.to_str().unwrap(), "config", "receive.advertisePushOptions", "true"]);
+    let dir = f.clone("https://git.example.test/org/opts.git");
+    git_ok(Some(&dir), &["checkout", "-q", "-b", "feature/o"]);
+
+    // An option the rule lists goes through with the push.
+    let o1 = commit(&dir, "o.txt", b"o\n", "o");
+    let out = f.git(&dir, &["push", "-q", "-o", "topic=review", "origin", "feature/o"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), f.agent.log_text());
+    assert_eq!(f.tls.rev("org/opts.git", "refs/heads/feature/o").as_deref(), Some(o1.as_str()));
+
+    // One it does not (a forge would merge on it): the push is refused
+    // whole and nothing reaches the server.
+    commit(&dir, "o.txt", b"o2\n", "o2");
+    let out = f.git(&dir, &["push", "-o", "merge_request.merge_when_pipeline_succeeds", "origin", "feature/o"]);
+    assert!(rejected(&out, "feature/o"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("push option `merge_request.merge_when_pipeline_succeeds`"), "{}", stderr(&out));
+    assert_eq!(f.tls.rev("org/opts.git", "refs/heads/feature/o").as_deref(), Some(o1.as_str()), "unchanged");
+
+    // Both pushes are in the audit log with their options and decisions.
+    let pushes: Vec<(String, String)> = f
+        .agent
+        .audit()
+        .into_iter()
+        .filter(|r| r["type"] == "decision" && r["request"]["repo"] == "org/opts.git")
+        .filter_map(|r| {
+            let o = r["request"]["push_options"].as_array()?.iter().map(|o| o.as_str().unwrap().to_string()).collect();
+            Some((o, r["decision"]["verdict"].as_str()?.to_string()))
+        })
+        .map(|(o, v): (Vec<String>, String)| (o.join(","), v))
+        .collect();
+    assert_eq!(
+        pushes,
+        [
+            ("topic=review".to_string(), "allow".to_string()),
+            ("merge_request.merge_when_pipeline_succeeds".to_string(), "deny".to_string())
+        ],
+        "{:#?}",
+        f.agent.audit()
+    );
 }
 
 #[test]

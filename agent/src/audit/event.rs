@@ -102,6 +102,9 @@ pub enum RequestInfo {
         refs: Vec<RefUpdate>,
         #[serde(default)]
         classes: Vec<String>,
+        /// A push's options (`git push -o ...`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        push_options: Vec<String>,
     },
 }
 

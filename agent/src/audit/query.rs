@@ -294,6 +294,9 @@ pub fn replay_lines(records: &[SessionRecord]) -> Vec<(u64, String)> {
                                         s(&u["new"])
                                     ));
                                 }
+                                for o in req["push_options"].as_array().into_iter().flatten() {
+                                    t.push_str(&format!("\n    option {}", s(o)));
+                                }
                                 t
                             }
                             other => format!("{other} request {req}"),

@@ -402,6 +402,8 @@ pub struct GitRequest<'a> {
     /// The repository path (`org/app.git`), without a leading `/`.
     pub repo: &'a str,
     pub refs: &'a [(&'a str, RefKind)],
+    /// A push's options (`git push -o ...`).
+    pub push_options: &'a [&'a str],
 }
 
 /// The decision on a git request: overall (the worst of its refs) and per
@@ -544,6 +546,14 @@ fn decide_git_as(policy: &Policy, role: Option<&str>, target: &Target, req: &Git
             }
         }
         refs.push(decision(verdict, rref.clone(), reason));
+    }
+    // An option no entry lets through denies the push, every ref of it.
+    if let Some(o) = req.push_options.iter().find(|o| !repo.push_options.iter().any(|g| g.matches(o))) {
+        let reason = format!("push option `{o}` is not in push_options");
+        for d in &mut refs {
+            d.verdict = Verdict::Deny;
+            d.reason.clone_from(&reason);
+        }
     }
     let worst = refs.iter().max_by_key(|d| d.verdict).cloned().expect("refs is not empty");
     // The first ref with the worst verdict explains the push.
@@ -1066,7 +1076,7 @@ update = ["refs/**"]
     fn git(role: &str, service: GitService, repo: &str, refs: &[(&str, RefKind)]) -> GitDecision {
         let p = parse(GIT_POLICY).expect("git policy parses");
         let t = p.target("forge").unwrap().clone();
-        decide_git(&p, Some(role), &t, &GitRequest { service, repo, refs })
+        decide_git(&p, Some(role), &t, &GitRequest { service, repo, refs, push_options: &[] })
     }
 
     #[test]
@@ -1110,6 +1120,36 @@ update = ["refs/**"]
             Verdict::Deny
         );
         assert_eq!(repo_readings("a/b.git")[0], "a/b.git", "as written first");
+    }
+
+    #[test]
+    fn git_push_options_must_be_listed() {
+        let src = GIT_POLICY
+            .replace("path = \"org/*.git\"\n", "path = \"org/*.git\"\npush_options = [\"topic=*\", \"ci.skip\"]\n");
+        let p = parse(&src).expect("parses");
+        let t = p.target("forge").unwrap().clone();
+        let push = |repo: &str, options: &[&str]| {
+            let refs = [("refs/heads/feature/a", RefKind::Update), ("refs/heads/feature/b", RefKind::Create)];
+            decide_git(
+                &p,
+                Some("agent"),
+                &t,
+                &GitRequest { service: GitService::ReceivePack, repo, refs: &refs, push_options: options },
+            )
+        };
+        assert_eq!(push("org/app.git", &[]).decision.verdict, Verdict::Allow);
+        assert_eq!(push("org/app.git", &["topic=a/b", "ci.skip"]).decision.verdict, Verdict::Allow);
+        let d = push("org/app.git", &["ci.skip", "merge_request.merge_when_pipeline_succeeds"]);
+        assert_eq!(d.decision.verdict, Verdict::Deny);
+        assert!(
+            d.decision.reason.contains("push option `merge_request.merge_when_pipeline_succeeds`"),
+            "{}",
+            d.decision.reason
+        );
+        assert!(d.refs.iter().all(|r| r.verdict == Verdict::Deny), "every ref of the push");
+        // An entry without push_options lets none through.
+        assert_eq!(push("sandbox/x.git", &["ci.skip"]).decision.verdict, Verdict::Deny);
+        assert_eq!(push("sandbox/x.git", &[]).decision.verdict, Verdict::Allow);
     }
 
     #[test]
@@ -1160,7 +1200,12 @@ update = ["refs/**"]
     fn git_decision_on_another_protocol_is_denied() {
         let p = parse(HTTP_POLICY).unwrap();
         let t = p.target("api").unwrap();
-        let d = decide_git(&p, Some("agent"), t, &GitRequest { service: GitService::UploadPack, repo: "a", refs: &[] });
+        let d = decide_git(
+            &p,
+            Some("agent"),
+            t,
+            &GitRequest { service: GitService::UploadPack, repo: "a", refs: &[], push_options: &[] },
+        );
         assert_eq!(d.decision.verdict, Verdict::Deny);
         assert!(d.decision.reason.contains("not a git target"));
     }

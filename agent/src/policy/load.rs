@@ -160,6 +160,8 @@ struct RawRepo {
     #[serde(default)]
     approve: Vec<Spanned<String>>,
     force: Option<Spanned<String>>,
+    #[serde(default)]
+    push_options: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -811,6 +813,7 @@ fn repo_rules(errs: &mut Errors<'_>, raw: Vec<Spanned<RawRepo>>) -> Vec<RepoRule
         let update = globs(&r.update);
         let delete = globs(&r.delete);
         let approve = globs(&r.approve);
+        let push_options = parse_each(errs, &r.push_options, GitGlob::any_chars);
         let force = match r.force.as_ref().map(|f| f.get_ref().as_str()) {
             None | Some("deny") => ForcePolicy::Deny,
             Some("allow") => ForcePolicy::Allow,
@@ -824,7 +827,7 @@ fn repo_rules(errs: &mut Errors<'_>, raw: Vec<Spanned<RawRepo>>) -> Vec<RepoRule
             }
         };
         if let (Some(path), true) = (path, errs.list.len() == before) {
-            out.push(RepoRule { index, path, fetch: r.fetch, create, update, delete, approve, force });
+            out.push(RepoRule { index, path, fetch: r.fetch, create, update, delete, approve, force, push_options });
         }
     }
     out

@@ -717,6 +717,11 @@ pub struct RepoRule {
     pub approve: Vec<GitGlob>,
     /// What a non-fast-forward update of a ref in `update` gets.
     pub force: ForcePolicy,
+    /// Push options (`git push -o ...`) a push may carry; any other denies
+    /// the push (forges act on them: GitLab's `merge_request.*` can merge
+    /// into a branch no ref rule lets the caller update, `ci.skip` skips
+    /// the checks).
+    pub push_options: Vec<GitGlob>,
 }
 
 impl RepoRule {
@@ -749,6 +754,17 @@ impl GitGlob {
     pub fn new(text: &str) -> Result<GitGlob, String> {
         let glob = globset::GlobBuilder::new(text)
             .literal_separator(true)
+            .backslash_escape(true)
+            .build()
+            .map_err(|e| format!("bad pattern `{text}`: {e}"))?
+            .compile_matcher();
+        Ok(GitGlob { text: text.to_string(), glob })
+    }
+    /// A glob whose `*` matches any run of characters, `/` included (for
+    /// push options, which are not paths).
+    pub fn any_chars(text: &str) -> Result<GitGlob, String> {
+        let glob = globset::GlobBuilder::new(text)
+            .literal_separator(false)
             .backslash_escape(true)
             .build()
             .map_err(|e| format!("bad pattern `{text}`: {e}"))?

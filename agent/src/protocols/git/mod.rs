@@ -141,6 +141,7 @@ struct Info {
     repo: String,
     classes: Vec<String>,
     refs: Vec<RefUpdate>,
+    push_options: Vec<String>,
 }
 
 impl Info {
@@ -150,6 +151,7 @@ impl Info {
             repo: self.repo.clone(),
             refs: self.refs.clone(),
             classes: self.classes.clone(),
+            push_options: self.push_options.clone(),
         }
     }
 }
@@ -165,7 +167,13 @@ impl Git {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let p = &self.proxy;
         let raw_path = req.uri().path().to_string();
-        let mut info = Info { service: String::new(), repo: raw_path.clone(), classes: Vec::new(), refs: Vec::new() };
+        let mut info = Info {
+            service: String::new(),
+            repo: raw_path.clone(),
+            classes: Vec::new(),
+            refs: Vec::new(),
+            push_options: Vec::new(),
+        };
         if p.admission.verdict != Verdict::Allow {
             let d = p.admission.clone();
             return self.refuse(&info, &d, StatusCode::FORBIDDEN);
@@ -218,7 +226,7 @@ impl Git {
             &policy,
             p.role.as_deref(),
             target,
-            &GitRequest { service: ep.service, repo: &ep.repo, refs: &[] },
+            &GitRequest { service: ep.service, repo: &ep.repo, refs: &[], push_options: &[] },
         );
         drop(policy);
         if base.decision.verdict != Verdict::Allow {
@@ -362,6 +370,8 @@ impl Git {
         info.classes = classified.iter().map(|c| c.kind.name().to_string()).collect();
         info.classes.dedup();
         let names: Vec<(&str, RefKind)> = classified.iter().map(|c| (c.command.name.as_str(), c.kind)).collect();
+        info.push_options.clone_from(&req.push_options);
+        let options: Vec<&str> = req.push_options.iter().map(String::as_str).collect();
         let policy = p.enforcer.policy();
         let Some(target) = policy.target(&p.target.name) else {
             let d = Decision::deny(role, "targets", "the target is gone from the policy in force");
@@ -371,7 +381,7 @@ impl Git {
             &policy,
             role,
             target,
-            &GitRequest { service: GitService::ReceivePack, repo: &info.repo, refs: &names },
+            &GitRequest { service: GitService::ReceivePack, repo: &info.repo, refs: &names, push_options: &options },
         );
         drop(policy);
         match gd.decision.verdict {
