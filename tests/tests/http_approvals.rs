@@ -243,6 +243,15 @@ fn early_mode_answers_with_the_id_and_lets_one_retry_through_once_approved() {
     assert!(up.requests_to("/items").is_empty());
 
     approvals(&agent, &["approve", &id]);
+    // Approved was the request the approver saw: another one the same
+    // entry covers (another item, or the same with a query) is not it.
+    for other in ["http://api.example.test/items/6", "http://api.example.test/items/5?cascade=all"] {
+        let (body, code) = curl(&agent, "batch", &["-X", "DELETE", other]);
+        assert_eq!(code, 403, "{other}: {body}");
+        assert_eq!(json(&body)["error"], "approval_required", "{other}");
+        assert_ne!(json(&body)["approval"].as_str().unwrap(), id, "{other}");
+    }
+    assert!(up.requests_to("/items").is_empty());
     let (body, code) = curl(&agent, "batch", &["-X", "DELETE", url]);
     assert_eq!(code, 200, "{body}\n{}", agent.log_text());
     assert_eq!(json(&body)["path"], "/items/5");

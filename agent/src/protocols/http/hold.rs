@@ -1,6 +1,7 @@
 //! Requests a rule holds for approval: their shape (what a widened approval
-//! covers), the answers given early (`approval_response = "early"`) and
-//! watching the caller while a request waits.
+//! covers), the answers given early (`approval_response = "early"`, each
+//! for one retry of the very request approved) and watching the caller
+//! while a request waits.
 //!
 //! The shape of an HTTP request is its method and the path pattern of the
 //! `approve` entry that held it (`DELETE /items/*`), or its exact path when
@@ -27,12 +28,15 @@ pub fn shape(method: &str, path: &str, entry: Option<&str>) -> String {
     }
 }
 
-/// Who a retry must match to use an early answer's approval.
+/// What a retry must match to use an early answer's approval: the same
+/// target, role and caller (cgroup), and the same request as the approver
+/// saw it (method, host, path and query).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EarlyKey {
     pub target: String,
     pub role: Option<String>,
-    pub shape: String,
+    pub caller: Option<String>,
+    pub request: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +47,7 @@ pub enum Early {
     Approved { id: ApprovalId, by: String, until: Instant },
 }
 
-/// Early answers in flight, by request shape.
+/// Early answers in flight, by request.
 #[derive(Default)]
 pub struct EarlyAnswers {
     map: Mutex<HashMap<EarlyKey, Early>>,
@@ -223,7 +227,12 @@ mod tests {
     #[test]
     fn early_approvals_are_used_once_and_expire() {
         let t = EarlyAnswers::default();
-        let k = EarlyKey { target: "api".into(), role: Some("r".into()), shape: "DELETE /x".into() };
+        let k = EarlyKey {
+            target: "api".into(),
+            role: Some("r".into()),
+            caller: Some("portcullis.slice/batch".into()),
+            request: "DELETE api.example.test/x".into(),
+        };
         assert_eq!(t.take(&k), None);
         t.pending(k.clone(), ApprovalId(5));
         assert_eq!(t.take(&k), Some(Early::Pending(ApprovalId(5))), "a retry while pending sees the same id");

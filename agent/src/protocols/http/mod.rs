@@ -335,8 +335,13 @@ impl Proxy {
                 .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
                 .unwrap_or_default(),
         };
-        let mut info =
-            HttpInfo { seq, method: method.as_str().to_string(), host: shown_host, path: raw_path.to_string() };
+        let mut info = HttpInfo {
+            seq,
+            method: method.as_str().to_string(),
+            host: shown_host,
+            path: raw_path.to_string(),
+            query: req.uri().query().map(str::to_string),
+        };
 
         if self.admission.verdict != Verdict::Allow {
             return Err(self.refuse(&info, &self.admission, StatusCode::FORBIDDEN));
@@ -438,7 +443,7 @@ impl Proxy {
     /// Holds a request its rule marks `approve` until a human answers
     /// (`approval_response = "hold"`), or answers at once with the id to
     /// approve (`"early"`, where an approved id lets one retry of the same
-    /// shape through). `Ok` is the decision to forward under; `Err` the
+    /// request from the same caller through). `Ok` is the decision to forward under; `Err` the
     /// answer (recorded) to send instead.
     async fn hold(
         &self,
@@ -450,7 +455,14 @@ impl Proxy {
         let d = &hd.decision;
         let shape = hold::shape(&info.method, &info.path, hd.matched.as_deref());
         let early = hd.approval_response == ApprovalResponse::Early;
-        let key = hold::EarlyKey { target: self.target.name.clone(), role: self.role.clone(), shape: shape.clone() };
+        // An early approval lets through a retry of the request the approver
+        // saw, from the same caller: not another request its entry covers.
+        let key = hold::EarlyKey {
+            target: self.target.name.clone(),
+            role: self.role.clone(),
+            caller: self.caller.cgroup.clone(),
+            request: info.shown(),
+        };
         if early {
             match hold::EarlyAnswers::global().take(&key) {
                 Some(hold::Early::Approved { id, by, .. }) => {
@@ -474,7 +486,7 @@ impl Proxy {
             role: self.role.clone(),
             target: self.target.name.clone(),
             protocol: "http".into(),
-            request: format!("{} {}{}", info.method, info.host, info.path),
+            request: info.shown(),
             shape,
             rule: d.rule.clone(),
             timeout: d.approval_timeout,
@@ -545,7 +557,8 @@ impl Proxy {
         B::Error: Into<body::BoxError>,
     {
         let exchange = Arc::new(Exchange::default());
-        let info = HttpInfo { seq: a.seq, method: a.method.as_str().to_string(), host: a.host, path: a.path };
+        let info =
+            HttpInfo { seq: a.seq, method: a.method.as_str().to_string(), host: a.host, path: a.path, query: None };
         let injection = match &self.injection {
             Ok(i) => i.clone(),
             Err(e) => {
@@ -811,9 +824,19 @@ struct HttpInfo {
     method: String,
     host: String,
     path: String,
+    /// As the caller sent it (shown to approvers; not in the audit log).
+    query: Option<String>,
 }
 
 impl HttpInfo {
+    /// The request as an approver sees it: method, host, path and query.
+    fn shown(&self) -> String {
+        match &self.query {
+            Some(q) => format!("{} {}{}?{q}", self.method, self.host, self.path),
+            None => format!("{} {}{}", self.method, self.host, self.path),
+        }
+    }
+
     fn request_info(&self, status: Option<u16>, bytes_up: u64, bytes_down: u64) -> RequestInfo {
         RequestInfo::Http {
             seq: self.seq,
