@@ -159,6 +159,8 @@ impl Drop for EchoServer {
 /// One request an [`HttpServer`] saw.
 #[derive(Debug, Clone, Default)]
 pub struct SeenRequest {
+    /// The connection it came on (its client address).
+    pub peer: Option<std::net::SocketAddr>,
     pub method: String,
     /// Path and query as received.
     pub uri: String,
@@ -245,7 +247,8 @@ impl HttpServer {
         let state = Arc::new(HttpState::default());
         let st = state.clone();
         // Bodies stream in small writes whose timing tests watch: no Nagle.
-        let server = ServerThread::accept_loop(listener, acceptor, true, move |conn, _| serve_http(conn, st.clone()));
+        let server =
+            ServerThread::accept_loop(listener, acceptor, true, move |conn, peer| serve_http(conn, peer, st.clone()));
         HttpServer { addr, ca_file, state, _server: server, _dir: dir }
     }
 
@@ -386,13 +389,13 @@ pub fn test_tls_config(names: &[&str]) -> (Arc<rustls::ServerConfig>, String) {
 
 type TestBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>;
 
-async fn serve_http<S>(stream: S, state: Arc<HttpState>)
+async fn serve_http<S>(stream: S, peer: std::net::SocketAddr, state: Arc<HttpState>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
         let st = state.clone();
-        async move { Ok::<_, std::convert::Infallible>(route(req, st).await) }
+        async move { Ok::<_, std::convert::Infallible>(route(req, peer, st).await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     let _ = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service).await;
@@ -411,11 +414,16 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query.split('&').find_map(|p| p.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
 }
 
-async fn route(mut req: hyper::Request<hyper::body::Incoming>, st: Arc<HttpState>) -> hyper::Response<TestBody> {
+async fn route(
+    mut req: hyper::Request<hyper::body::Incoming>,
+    peer: std::net::SocketAddr,
+    st: Arc<HttpState>,
+) -> hyper::Response<TestBody> {
     use http_body_util::BodyExt;
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let seen = SeenRequest {
+        peer: Some(peer),
         method: req.method().to_string(),
         uri: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
         authority: req

@@ -57,6 +57,13 @@ upstream = "{plain}"
 header = "X-Api-Key"
 token = {{ env = "PC_TEST_PLAIN_KEY" }}
 
+[[targets]]
+name = "open"
+protocol = "http"
+match = ["127.1.0.4:80"]
+hosts = ["open.example.test"]
+upstream = "{plain}"
+
 [[roles]]
 name = "agent"
 [[roles.rules]]
@@ -70,6 +77,9 @@ approval_response = "early"
 target = "plain"
 allow = ["GET"]
 websocket = true
+[[roles.rules]]
+target = "open"
+allow = ["GET"]
 
 [[roles]]
 name = "small"
@@ -79,6 +89,9 @@ allow = ["read", "POST /upload"]
 max_body = "4KiB"
 [[roles.rules]]
 target = "plain"
+allow = ["GET"]
+[[roles.rules]]
+target = "open"
 allow = ["GET"]
 
 [[bindings]]
@@ -106,16 +119,19 @@ struct Fixture {
 }
 
 fn fixture() -> Option<Fixture> {
+    fixture_with(&[])
+}
+
+fn fixture_with(env: &[(&str, &str)]) -> Option<Fixture> {
     if !require_root() || !require_tool("curl") {
         return None;
     }
     let api = HttpServer::tls("127.0.0.1:0", &["api.example.test"]);
     let plain = HttpServer::plain("127.0.0.1:0");
     let elsewhere = HttpServer::plain("127.0.0.1:0");
-    let agent = Agent::start_with_env(
-        &policy(&api, &plain, &elsewhere),
-        &[("PC_TEST_API_TOKEN", TOKEN), ("PC_TEST_PLAIN_KEY", PLAIN_KEY)],
-    );
+    let mut env = env.to_vec();
+    env.extend([("PC_TEST_API_TOKEN", TOKEN), ("PC_TEST_PLAIN_KEY", PLAIN_KEY)]);
+    let agent = Agent::start_with_env(&policy(&api, &plain, &elsewhere), &env);
     let ca = agent.export_ca();
     Some(Fixture { agent, api, plain, elsewhere, ca })
 }
@@ -427,6 +443,25 @@ fn plain_http_target_injects_a_named_header() {
     let (_, body, code, _) = f.curl(&["-H", "Host: intranet.test", "http://plain.example.test/p/q"]);
     assert_eq!(code, 403, "{body}");
     assert_eq!(f.plain.requests_to("/p/q").len(), 1);
+}
+
+#[test]
+fn callers_who_authenticate_themselves_keep_their_upstream_connections() {
+    // One worker: every session of a target draws on one pool.
+    let Some(f) = fixture_with(&[("PORTCULLIS_WORKERS", "1")]) else { return };
+    let url = "http://open.example.test/who";
+    for scope in ["agent", "small", "agent", "small"] {
+        let (out, body, code, _) = f.curl_in(scope, &["--resolve", "open.example.test:80:127.1.0.4", url]);
+        assert_eq!(code, 200, "{scope}: {body} {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let peers: Vec<_> = f.plain.requests_to("/who").iter().map(|r| r.peer.expect("peer")).collect();
+    assert_eq!(peers.len(), 4);
+    // Without injected credentials, the upstream connection may carry a
+    // caller's own authentication (NTLM binds to it): one caller reuses
+    // its connection, the other never gets it.
+    assert_eq!(peers[0], peers[2], "a caller's later session reuses its pooled connection");
+    assert_eq!(peers[1], peers[3]);
+    assert_ne!(peers[0], peers[1], "callers do not share connections: {peers:?}");
 }
 
 #[test]

@@ -771,7 +771,15 @@ impl Proxy {
         if let Some(c) = self.client.get() {
             return Ok(c.clone());
         }
-        let c = client_for(&self.target, self.orig_dst, &self.enforcer.settings).map_err(|e| e.to_string())?;
+        // Without injected credentials each caller authenticates itself, and
+        // some schemes (NTLM, Negotiate) bind to the connection: its pooled
+        // connections are its own.
+        let owner = self
+            .target
+            .credentials
+            .is_none()
+            .then(|| format!("{}:{}", self.caller.cgroup.as_deref().unwrap_or_default(), self.caller.uid));
+        let c = client_for(&self.target, self.orig_dst, &self.enforcer.settings, owner).map_err(|e| e.to_string())?;
         Ok(self.client.get_or_init(|| c).clone())
     }
 

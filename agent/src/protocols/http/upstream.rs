@@ -1,5 +1,6 @@
 //! The upstream side: a pooled hyper client per target (connections are
-//! reused across requests and sessions), whose connector opens marked
+//! reused across requests and sessions; across callers only when the
+//! target injects the credentials), whose connector opens marked
 //! sockets to the target's upstream and speaks verified TLS when the target
 //! asks for it, negotiating HTTP/2 or HTTP/1.1 by ALPN.
 use std::{
@@ -212,6 +213,8 @@ struct PoolKey {
     orig_dst: Option<OrigDst>,
     tls: Option<(Option<std::path::PathBuf>, Option<String>, Vec<String>)>,
     mark: u32,
+    /// Whose connections these are, when callers authenticate themselves.
+    owner: Option<String>,
 }
 
 /// At most this many pools are kept; past it the map starts afresh (idle
@@ -226,9 +229,15 @@ thread_local! {
 }
 
 /// The pooled client for a target, shared by all its sessions on this
-/// worker.
-pub fn client_for(target: &Target, orig_dst: OrigDst, settings: &Settings) -> Result<PooledClient, ConnectError> {
+/// worker (by those of one `owner` only, when given).
+pub fn client_for(
+    target: &Target,
+    orig_dst: OrigDst,
+    settings: &Settings,
+    owner: Option<String>,
+) -> Result<PooledClient, ConnectError> {
     let key = PoolKey {
+        owner,
         target: target.name.clone(),
         upstream: format!("{:?}", target.upstream),
         orig_dst: (target.upstream == Upstream::Original).then_some(orig_dst),
