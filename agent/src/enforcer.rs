@@ -39,8 +39,10 @@ pub struct Enforcer {
     /// Requests held for a human's approval.
     pub approvals: Arc<Approvals>,
     pub stats: Stats,
-    /// Rate of unattributed connections recorded one by one.
-    pub flood: FloodGate,
+    /// Rates of unattributed connections and kernel refusals recorded one
+    /// by one.
+    pub unattributed_gate: FloodGate,
+    pub refusal_gate: FloodGate,
     live: Mutex<BTreeMap<SessionId, LiveEntry>>,
 }
 
@@ -69,7 +71,8 @@ impl Enforcer {
             ca,
             approvals,
             stats: Stats::default(),
-            flood: FloodGate::default(),
+            unattributed_gate: FloodGate::default(),
+            refusal_gate: FloodGate::default(),
             live: Mutex::new(BTreeMap::new()),
         }
     }

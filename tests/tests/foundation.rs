@@ -171,6 +171,36 @@ fn egress_deny_blocks_undeclared_destinations_but_not_exceptions() {
     // The guest scope has egress allow: undeclared destinations pass.
     let r = f.agent.tcp_client("guest", &["tcp", &blocked.addr.to_string(), "free"]);
     assert_eq!(r["reply"], "echo:free", "{r}");
+
+    // A caller looping on a refused connect: recorded up to a rate, the
+    // rest counted; every refusal is accounted for.
+    const FLOOD: u64 = 1000;
+    let many = portcullis_tests::helper_bin("many-conns");
+    let out = f.agent.exec("ci", &[many.to_str().unwrap(), &blocked.addr.to_string(), &FLOOD.to_string()]).output();
+    assert!(out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("Operation not permitted")));
+    assert_eq!(blocked.count(), 1, "only the guest's connection got through");
+    let total = |metrics: &str| -> u64 {
+        let line = metrics.lines().find(|l| l.starts_with("portcullis_kernel_refusals_total ")).expect("metric");
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let accounted = |records: &[serde_json::Value]| -> (u64, u64) {
+        let one_by_one = records.iter().filter(|r| r["type"] == "kernel_refusal").count() as u64;
+        let counted = records
+            .iter()
+            .filter(|r| r["type"] == "suppressed" && r["of"] == "kernel_refusal")
+            .map(|r| r["count"].as_u64().expect("count"))
+            .sum();
+        (one_by_one, counted)
+    };
+    let (one_by_one, counted) = wait_until(Duration::from_secs(15), || {
+        let want = total(&f.agent.metrics_text());
+        let (a, b) = accounted(&f.agent.audit());
+        (want >= FLOOD && a + b == want).then_some((a, b))
+    })
+    .unwrap_or_else(|| {
+        panic!("refusals not accounted for: {:?} of {}", accounted(&f.agent.audit()), total(&f.agent.metrics_text()))
+    });
+    assert!(counted > 0, "{one_by_one} recorded one by one, none counted");
 }
 
 #[test]
@@ -226,7 +256,7 @@ fn unguarded_process_dialling_the_enforcer_gets_nothing() {
         let one_by_one = records.iter().filter(|r| r["type"] == "unattributed").count() as u64;
         let counted: u64 = records
             .iter()
-            .filter(|r| r["type"] == "unattributed_suppressed")
+            .filter(|r| r["type"] == "suppressed" && r["of"] == "unattributed")
             .map(|r| r["count"].as_u64().expect("count"))
             .sum();
         (one_by_one, counted)

@@ -197,9 +197,11 @@ pub enum Event {
         peer: String,
         reason: String,
     },
-    /// Unattributed connections past the rate recorded one by one
-    /// (`intercept::flood`), counted over the last second or so.
-    UnattributedSuppressed {
+    /// Records past the rate kept one by one (`intercept::flood`), counted
+    /// over the last second or so: `of` is `unattributed` or
+    /// `kernel_refusal`.
+    Suppressed {
+        of: String,
         count: u64,
         per_second: u32,
     },

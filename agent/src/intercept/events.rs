@@ -56,6 +56,11 @@ pub async fn run(ring: RingBuf<MapData>, enforcer: Arc<Enforcer>) {
 
 fn record(enforcer: &Enforcer, ev: &KernelEvent) {
     Stats::inc(&enforcer.stats.kernel_refusals);
+    // A caller looping on a refused connect must not fill the log (nor
+    // spend the enforcer's time on attribution): past the rate, counted.
+    if !enforcer.refusal_gate.admit(std::time::Instant::now()) {
+        return;
+    }
     let policy = enforcer.policy();
     let caller = attribution::caller(&ev.record, &enforcer.cgroups, &policy);
     let dst = attribution::orig_dst(&ev.record);

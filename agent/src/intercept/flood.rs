@@ -1,14 +1,15 @@
 //! Connections that reach the enforcer without a kernel record can come
-//! from anyone on the host. Each is recorded up to a rate, so a flood of
-//! them cannot fill the audit log (and push older records out through
-//! retention); past the rate they are counted, and the count is recorded
-//! once a second while there is one.
+//! from anyone on the host, and a guarded caller can loop on a connect the
+//! kernel refuses. Each is recorded up to a rate, so a flood of them cannot
+//! fill the audit log (and push older records out through retention); past
+//! the rate they are counted, and the count is recorded once a second
+//! while there is one.
 use std::{
     sync::Mutex,
     time::{Duration, Instant},
 };
 
-/// Unattributed connections recorded one by one per second.
+/// Records of one kind kept one by one per second.
 pub const PER_SECOND: u32 = 20;
 
 #[derive(Debug)]

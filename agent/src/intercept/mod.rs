@@ -34,26 +34,25 @@ fn lost(enforcer: &Enforcer, peer: std::net::SocketAddr, e: &std::io::Error) {
 /// [`record_suppressed`]).
 fn unattributed(enforcer: &Enforcer, peer: SocketAddr, reason: String) {
     Stats::inc(&enforcer.stats.unattributed);
-    if enforcer.flood.admit(std::time::Instant::now()) {
+    if enforcer.unattributed_gate.admit(std::time::Instant::now()) {
         warn!(peer = %peer, reason = %reason, "unattributed connection closed");
         enforcer.audit.record(Event::Unattributed { peer: peer.to_string(), reason });
     }
 }
 
-/// Records, once a second, how many unattributed connections were only
-/// counted.
+/// Records, once a second, how many unattributed connections and kernel
+/// refusals were only counted.
 pub async fn record_suppressed(enforcer: Arc<Enforcer>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let count = enforcer.flood.take_suppressed();
-        if count > 0 {
-            warn!(
-                count,
-                per_second = flood::PER_SECOND,
-                "unattributed connections past the rate: counted, not recorded one by one"
-            );
-            enforcer.audit.record(Event::UnattributedSuppressed { count, per_second: flood::PER_SECOND });
+        for (of, gate) in [("unattributed", &enforcer.unattributed_gate), ("kernel_refusal", &enforcer.refusal_gate)] {
+            let count = gate.take_suppressed();
+            if count > 0 {
+                let per_second = flood::PER_SECOND;
+                warn!(of, count, per_second, "past the rate: counted, not recorded one by one");
+                enforcer.audit.record(Event::Suppressed { of: of.into(), count, per_second });
+            }
         }
     }
 }
