@@ -196,9 +196,10 @@ pub async fn run(config: RunConfig) -> Result<(), Error> {
     Ok(())
 }
 
-/// The guard assumes guarded processes lack CAP_SYS_ADMIN, CAP_NET_ADMIN
-/// and CAP_BPF (with them a process can leave its cgroup or remove the
-/// programs): say so loudly when one has them.
+/// The guard assumes guarded processes are not root and lack the
+/// capabilities that undo it (`cgroup::DANGEROUS_CAPS`: with them a process
+/// can leave its cgroup, remove the programs, or send around them): say so
+/// loudly when one has them.
 fn warn_privileged(mount: &Path, report: &ApplyReport) {
     for s in &report.attached {
         for p in cgroup::privileged_processes(mount, &mount.join(&s.cgroup)) {

@@ -248,7 +248,11 @@ fn capabilities() -> Check {
 fn program_types() -> Check {
     let fix = "use a kernel with CONFIG_BPF_SYSCALL=y and CONFIG_CGROUP_BPF=y, and run as root";
     let mut bad = Vec::new();
-    for (name, t) in [("cgroup_sock_addr", ProgramType::CgroupSockAddr), ("sock_ops", ProgramType::SockOps)] {
+    for (name, t) in [
+        ("cgroup_sock_addr", ProgramType::CgroupSockAddr),
+        ("sock_ops", ProgramType::SockOps),
+        ("cgroup_sock", ProgramType::CgroupSock),
+    ] {
         match aya::sys::is_program_supported(t) {
             Ok(true) => {}
             Ok(false) => bad.push(format!("{name}: not supported")),
@@ -256,7 +260,7 @@ fn program_types() -> Check {
         }
     }
     if bad.is_empty() {
-        Check::ok("program-types", true, "cgroup_sock_addr, sock_ops load")
+        Check::ok("program-types", true, "cgroup_sock_addr, sock_ops, cgroup_sock load")
     } else {
         Check::bad("program-types", true, bad.join("; "), fix)
     }
@@ -538,9 +542,6 @@ fn pids_under(dir: &Path) -> BTreeSet<u32> {
     out
 }
 
-/// Capabilities that let a guarded process undo its guard.
-pub const DANGEROUS_CAPS: [u32; 3] = [CAP_SYS_ADMIN, CAP_BPF, CAP_NET_ADMIN];
-
 fn guarded_processes(policy: Option<&Path>, status: Option<&Value>) -> Check {
     let name = "guarded-caps";
     let dirs = match guarded_cgroups(policy, status) {
@@ -560,8 +561,7 @@ fn guarded_processes(policy: Option<&Path>, status: Option<&Value>) -> Check {
         for pid in pids_under(dir) {
             let Ok(st) = fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
             n += 1;
-            let caps = parse_cap_eff(&st).unwrap_or(0);
-            let bad: Vec<&str> = DANGEROUS_CAPS.iter().filter(|c| has(caps, **c)).map(|c| cap_name(*c)).collect();
+            let bad = cgroup::dangerous_caps(&st);
             if !bad.is_empty() {
                 let comm = st.lines().find_map(|l| l.strip_prefix("Name:")).unwrap_or("?").trim().to_string();
                 offenders.push(format!("pid {pid} ({comm}) has {}", bad.join(", ")));
@@ -573,7 +573,8 @@ fn guarded_processes(policy: Option<&Path>, status: Option<&Value>) -> Check {
             name,
             true,
             format!(
-                "{n} process(es) in {} guarded cgroup(s); none holds CAP_SYS_ADMIN, CAP_BPF or CAP_NET_ADMIN",
+                "{n} process(es) in {} guarded cgroup(s); none runs as root or holds CAP_SYS_ADMIN, CAP_NET_ADMIN, \
+                 CAP_BPF, CAP_NET_RAW, CAP_SYS_PTRACE or CAP_SYS_MODULE",
                 dirs.len()
             ),
         )
@@ -583,9 +584,10 @@ fn guarded_processes(policy: Option<&Path>, status: Option<&Value>) -> Check {
         Check::bad(
             name,
             true,
-            format!("guarded processes could remove their guard: {}{more}", offenders.join("; ")),
-            "run the unit as an unprivileged User=, or drop the capabilities in its drop-in: \
-             CapabilityBoundingSet=~CAP_SYS_ADMIN CAP_BPF CAP_NET_ADMIN and NoNewPrivileges=yes",
+            format!("guarded processes could undo or get around their guard: {}{more}", offenders.join("; ")),
+            "run the unit as an unprivileged User= and drop the capabilities in its drop-in: \
+             CapabilityBoundingSet=~CAP_SYS_ADMIN CAP_BPF CAP_NET_ADMIN CAP_NET_RAW CAP_SYS_PTRACE \
+             CAP_SYS_MODULE and NoNewPrivileges=yes",
         )
     }
 }
@@ -608,7 +610,7 @@ mod tests {
     fn effective_capabilities() {
         let root = "Name:\tbash\nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\nCapEff:\t000001ffffffffff\n";
         let caps = parse_cap_eff(root).unwrap();
-        assert!(DANGEROUS_CAPS.iter().all(|c| has(caps, *c)));
+        assert!([CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE].iter().all(|c| has(caps, *c)));
         let user = "Name:\tsleep\nCapEff:\t0000000000000000\n";
         assert_eq!(parse_cap_eff(user), Some(0));
         // CAP_NET_ADMIN alone (bit 12).

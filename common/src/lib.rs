@@ -26,6 +26,7 @@ pub const PROG_SENDMSG6: &str = "pc_sendmsg6";
 pub const PROG_GETPEERNAME4: &str = "pc_getpeername4";
 pub const PROG_GETPEERNAME6: &str = "pc_getpeername6";
 pub const PROG_SOCK_OPS: &str = "pc_sock_ops";
+pub const PROG_SOCK_CREATE: &str = "pc_sock_create";
 
 /// Capacity of the connection-record maps. Entries live from connect() to
 /// accept() only, so this bounds connections in flight, not open ones.
@@ -160,6 +161,9 @@ pub const EVENT_ENFORCER_DIRECT: u32 = 2;
 pub const EVENT_NON_TCP_TO_TARGET: u32 = 3;
 pub const EVENT_NOT_CONFIGURED: u32 = 4;
 pub const EVENT_MAP_FULL: u32 = 5;
+/// A raw or ICMP socket refused in an `egress = "deny"` scope: it would
+/// send to any address without a connect or sendmsg the programs see.
+pub const EVENT_RAW_SOCKET: u32 = 6;
 
 /// A refusal made in the kernel, reported so it can be audited.
 #[repr(C)]

@@ -99,7 +99,7 @@ fn handle(ctx: &SockAddrContext, addr: Addr16, port_be: u16, family: u16, connec
 
 /// The deepest guarded scope containing the calling task's cgroup.
 #[inline(always)]
-fn find_scope() -> Option<ScopeInfo> {
+pub(crate) fn find_scope() -> Option<ScopeInfo> {
     let mut found: Option<ScopeInfo> = None;
     let mut level: i32 = 0;
     while level < MAX_CGROUP_DEPTH {
@@ -140,7 +140,13 @@ fn egress_allowed(scope: &ScopeInfo, proto: u8, addr: &Addr16, port_be: u16) -> 
 }
 
 #[inline(always)]
-fn new_record(ctx: &SockAddrContext, scope: &ScopeInfo, addr: &Addr16, port_be: u16, family: u16) -> ConnRecord {
+pub(crate) fn new_record<C: EbpfContext>(
+    ctx: &C,
+    scope: &ScopeInfo,
+    addr: &Addr16,
+    port_be: u16,
+    family: u16,
+) -> ConnRecord {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
     ConnRecord {

@@ -1,5 +1,6 @@
 //! Kernel side of portcullis: cgroup socket hooks that steer guarded
-//! connections to the enforcer and remember who made them.
+//! connections to the enforcer and remember who made them, and keep raw
+//! sockets out of scopes whose egress is denied.
 #![no_std]
 #![no_main]
 
@@ -7,6 +8,7 @@ mod addr;
 mod connect;
 mod maps;
 mod peername;
+mod sockcreate;
 mod sockops;
 
 #[cfg(not(test))]

@@ -172,6 +172,19 @@ fn egress_deny_blocks_undeclared_destinations_but_not_exceptions() {
     let r = f.agent.tcp_client("guest", &["tcp", &blocked.addr.to_string(), "free"]);
     assert_eq!(r["reply"], "echo:free", "{r}");
 
+    // Raw sockets send to any address with no connect or UDP sendmsg to
+    // decide on: under egress deny they are refused at socket(), recorded;
+    // where egress is allowed they work.
+    for dst in ["127.0.0.1:0", "[::1]:0"] {
+        let r = f.agent.tcp_client("ci", &["raw", dst]);
+        assert_eq!(r["created"], false, "{dst}: {r}");
+        assert_eq!(r["errno"], libc::EPERM, "{dst}: {r}");
+        let r = f.agent.tcp_client("guest", &["raw", dst]);
+        assert_eq!(r["sent"], true, "{dst}: {r}");
+    }
+    let k = f.agent.wait_audit("raw socket", |r| r["type"] == "kernel_refusal" && r["kind"] == "raw_socket");
+    assert_eq!(k["caller"]["scope"], "ci");
+
     // A caller looping on a refused connect: recorded up to a rate, the
     // rest counted; every refusal is accounted for.
     const FLOOD: u64 = 1000;

@@ -352,7 +352,7 @@ fn ready_is_notified_only_once_probes_and_listener_are_up() {
 
     assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
     assert!(msg.contains("STATUS=guarding 2 scope(s)"), "{msg}");
-    assert_eq!(links.len(), 7, "every program linked before READY=1");
+    assert_eq!(links.len(), 8, "every program linked before READY=1");
     assert!(listening, "listener up before READY=1");
     assert_eq!(r["reply"], "echo:ready", "{r}");
     assert_eq!(stopping, "STOPPING=1");
@@ -557,7 +557,7 @@ fn doctor_passes_on_this_host_and_names_each_check() {
             assert_eq!(c["status"], "ok", "{c}");
         }
     }
-    assert!(check(&v, "probes")["detail"].as_str().unwrap().contains("7 programs"));
+    assert!(check(&v, "probes")["detail"].as_str().unwrap().contains("8 programs"));
     assert!(check(&v, "agent")["detail"].as_str().unwrap().contains("2 scope(s) attached"));
 
     // The text form prints every check with its status.

@@ -193,10 +193,20 @@ fn find_unit_dir(mount: &Path, unit: &str) -> Option<String> {
     None
 }
 
-/// Capabilities that would let a guarded process undo its guard: leave the
-/// cgroup or detach the programs (CAP_SYS_ADMIN), change routing and marks
-/// (CAP_NET_ADMIN), load or remove BPF programs (CAP_BPF).
-pub const DANGEROUS_CAPS: [(u32, &str); 3] = [(21, "CAP_SYS_ADMIN"), (12, "CAP_NET_ADMIN"), (39, "CAP_BPF")];
+/// Capabilities that would let a guarded process undo or get around its
+/// guard: leave the cgroup or detach the programs (CAP_SYS_ADMIN), change
+/// routing and marks (CAP_NET_ADMIN), load or remove BPF programs
+/// (CAP_BPF), send packets no socket hook sees (CAP_NET_RAW: packet
+/// sockets), read portcullis' memory and its credentials (CAP_SYS_PTRACE),
+/// load kernel code (CAP_SYS_MODULE).
+pub const DANGEROUS_CAPS: [(u32, &str); 6] = [
+    (21, "CAP_SYS_ADMIN"),
+    (12, "CAP_NET_ADMIN"),
+    (39, "CAP_BPF"),
+    (13, "CAP_NET_RAW"),
+    (19, "CAP_SYS_PTRACE"),
+    (16, "CAP_SYS_MODULE"),
+];
 
 /// A process in a guarded cgroup holding dangerous capabilities.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -207,8 +217,8 @@ pub struct PrivilegedProcess {
     pub caps: Vec<&'static str>,
 }
 
-/// Every process in the subtree at `dir` whose effective capabilities
-/// include one of `DANGEROUS_CAPS`.
+/// Every process in the subtree at `dir` that runs as root or whose
+/// effective capabilities include one of `DANGEROUS_CAPS`.
 pub fn privileged_processes(mount: &Path, dir: &Path) -> Vec<PrivilegedProcess> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -231,14 +241,22 @@ pub fn privileged_processes(mount: &Path, dir: &Path) -> Vec<PrivilegedProcess> 
     out
 }
 
-/// The dangerous capabilities in a /proc/<pid>/status `CapEff` line.
+/// What in a /proc/<pid>/status undoes the guard: running as uid 0 (root
+/// owns portcullis' credential files, whatever its capabilities) and the
+/// dangerous capabilities of its `CapEff` line.
 pub fn dangerous_caps(status: &str) -> Vec<&'static str> {
     let eff = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0);
-    DANGEROUS_CAPS.iter().filter(|(bit, _)| eff & (1u64 << bit) != 0).map(|(_, name)| *name).collect()
+    let root = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().nth(1))
+        .is_some_and(|euid| euid == "0");
+    let caps = DANGEROUS_CAPS.iter().filter(|(bit, _)| eff & (1u64 << bit) != 0).map(|(_, name)| *name);
+    root.then_some("uid 0").into_iter().chain(caps).collect()
 }
 
 /// Moves a process into a cgroup.
@@ -262,12 +280,25 @@ mod tests {
 
     #[test]
     fn dangerous_capabilities_from_proc_status() {
-        let root = "Name:\tx\nCapEff:\t000001ffffffffff\n";
-        assert_eq!(dangerous_caps(root), vec!["CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_BPF"]);
-        let user = "Name:\tx\nCapEff:\t0000000000000000\n";
+        let root = "Name:\tx\nUid:\t0\t0\t0\t0\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(
+            dangerous_caps(root),
+            vec![
+                "uid 0",
+                "CAP_SYS_ADMIN",
+                "CAP_NET_ADMIN",
+                "CAP_BPF",
+                "CAP_NET_RAW",
+                "CAP_SYS_PTRACE",
+                "CAP_SYS_MODULE"
+            ]
+        );
+        let user = "Name:\tx\nUid:\t65534\t65534\t65534\t65534\nCapEff:\t0000000000000000\n";
         assert!(dangerous_caps(user).is_empty());
-        let net = "CapEff:\t0000000000001000\n";
-        assert_eq!(dangerous_caps(net), vec!["CAP_NET_ADMIN"]);
+        let net = "Uid:\t1000\t1000\t1000\t1000\nCapEff:\t0000000000003000\n";
+        assert_eq!(dangerous_caps(net), vec!["CAP_NET_ADMIN", "CAP_NET_RAW"]);
+        let capless_root = "Uid:\t1000\t0\t0\t0\nCapEff:\t0000000000000000\n";
+        assert_eq!(dangerous_caps(capless_root), vec!["uid 0"], "the effective uid counts");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Refusals made in the kernel (egress deny, UDP to a target, the
-//! enforcer's port dialled directly), read from the ring buffer and recorded.
+//! enforcer's port dialled directly, a raw socket under egress deny), read
+//! from the ring buffer and recorded.
 use std::sync::Arc;
 
 use aya::maps::{MapData, RingBuf};
@@ -20,6 +21,7 @@ pub fn kind_name(kind: u32) -> &'static str {
         EVENT_NON_TCP_TO_TARGET => "non_tcp_to_target",
         EVENT_NOT_CONFIGURED => "enforcer_not_configured",
         EVENT_MAP_FULL => "record_map_full",
+        EVENT_RAW_SOCKET => "raw_socket",
         _ => "unknown",
     }
 }
@@ -71,6 +73,6 @@ fn record(enforcer: &Enforcer, ev: &KernelEvent) {
     };
     warn!(kind = kind_name(ev.kind), transport = %transport, dst = %dst, tgid = caller.tgid, uid = caller.uid,
           comm = %caller.comm, unit = caller.unit.as_deref().unwrap_or("-"), scope = caller.scope.as_deref().unwrap_or("-"),
-          "kernel refused a connect");
+          "kernel refused");
     enforcer.audit.record(Event::KernelRefusal { kind: kind_name(ev.kind).into(), transport, dst, caller });
 }

@@ -17,7 +17,7 @@ use std::{
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, RingBuf},
-    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SockOps},
+    programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps},
     Ebpf, EbpfLoader,
 };
 use portcullis_common::*;
@@ -114,6 +114,9 @@ impl Probes {
         let prog: &mut SockOps = program(&mut ebpf, PROG_SOCK_OPS)?;
         prog.load().map_err(|source| ProbeError::Program { name: PROG_SOCK_OPS, source })?;
         repin(pin_dir, PROG_SOCK_OPS, |p| prog.pin(p))?;
+        let prog: &mut CgroupSock = program(&mut ebpf, PROG_SOCK_CREATE)?;
+        prog.load().map_err(|source| ProbeError::Program { name: PROG_SOCK_CREATE, source })?;
+        repin(pin_dir, PROG_SOCK_CREATE, |p| prog.pin(p))?;
 
         let mut config_map: Array<MapData, Config> = take_map(&mut ebpf, MAP_CONFIG)?;
         config_map.set(0, config, 0).map_err(|source| ProbeError::Map { name: MAP_CONFIG, source })?;
@@ -269,7 +272,7 @@ impl Probes {
         let link_dir = self.pin_dir.join("links").join(id.to_string());
         fs::create_dir_all(&link_dir).map_err(io_err("cannot create", &link_dir))?;
         let cgroup = fs::File::open(dir).map_err(io_err("cannot open cgroup", dir))?;
-        for name in SOCK_ADDR_PROGS.into_iter().chain([PROG_SOCK_OPS]) {
+        for name in SOCK_ADDR_PROGS.into_iter().chain([PROG_SOCK_OPS, PROG_SOCK_CREATE]) {
             let pin = link_dir.join(name);
             if pin.exists() {
                 let prog_fd = prog_fd(&self.ebpf, name)?;
@@ -289,6 +292,13 @@ impl Probes {
             }
             let link: FdLink = if name == PROG_SOCK_OPS {
                 let prog: &mut SockOps = program(&mut self.ebpf, name)?;
+                let lid = prog
+                    .attach(&cgroup, CgroupAttachMode::Single)
+                    .map_err(|source| ProbeError::Program { name, source })?;
+                let l = prog.take_link(lid).map_err(|source| ProbeError::Program { name, source })?;
+                FdLink::try_from(l).map_err(|source| ProbeError::Link { name, source })?
+            } else if name == PROG_SOCK_CREATE {
+                let prog: &mut CgroupSock = program(&mut self.ebpf, name)?;
                 let lid = prog
                     .attach(&cgroup, CgroupAttachMode::Single)
                     .map_err(|source| ProbeError::Program { name, source })?;
@@ -329,6 +339,9 @@ pub fn verify_object(object: &[u8]) -> Result<Vec<String>, ProbeError> {
     let prog: &mut SockOps = program(&mut ebpf, PROG_SOCK_OPS)?;
     prog.load().map_err(|source| ProbeError::Program { name: PROG_SOCK_OPS, source })?;
     names.push(PROG_SOCK_OPS.to_string());
+    let prog: &mut CgroupSock = program(&mut ebpf, PROG_SOCK_CREATE)?;
+    prog.load().map_err(|source| ProbeError::Program { name: PROG_SOCK_CREATE, source })?;
+    names.push(PROG_SOCK_CREATE.to_string());
     Ok(names)
 }
 

@@ -18,6 +18,7 @@ fn main() {
         "line" => line(addr, msg.as_deref().unwrap_or("ping")),
         "interactive" => interactive(addr),
         "loop" => repeat(addr, msg.as_deref().and_then(|m| m.parse().ok()).unwrap_or(100)),
+        "raw" => raw(addr),
         _ => tcp(addr, msg.as_deref()),
     };
     println!("{out}");
@@ -123,5 +124,69 @@ fn udp(addr: SocketAddr, msg: &str) -> serde_json::Value {
     match s.send_to(msg.as_bytes(), addr) {
         Ok(_) => serde_json::json!({"sent": true}),
         Err(e) => serde_json::json!({"sent": false, "error": e.to_string(), "errno": e.raw_os_error()}),
+    }
+}
+
+/// A raw ICMP socket, and an echo request sent with it to `addr` (no
+/// connect, no UDP: what the egress programs never see).
+fn raw(addr: SocketAddr) -> serde_json::Value {
+    let (family, proto, ty) = match addr {
+        SocketAddr::V4(_) => (libc::AF_INET, libc::IPPROTO_ICMP, 8u8),
+        SocketAddr::V6(_) => (libc::AF_INET6, libc::IPPROTO_ICMPV6, 128u8),
+    };
+    // SAFETY: plain socket(2); the fd is closed below.
+    let fd = unsafe { libc::socket(family, libc::SOCK_RAW, proto) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return serde_json::json!({"created": false, "error": e.to_string(), "errno": e.raw_os_error()});
+    }
+    // An echo request (the kernel fills the ICMPv6 checksum; for ICMP a
+    // zero-payload header's checksum is computed here).
+    let mut pkt = [ty, 0, 0, 0, 0, 1, 0, 1];
+    if family == libc::AF_INET {
+        let sum: u32 = pkt.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]]) as u32).sum();
+        let sum = !(((sum >> 16) + (sum & 0xffff)) as u16);
+        pkt[2..4].copy_from_slice(&sum.to_be_bytes());
+    }
+    let sa = socket2_addr(addr);
+    // SAFETY: pkt and sa outlive the call; the length is sa's own.
+    let n = unsafe { libc::sendto(fd, pkt.as_ptr().cast(), pkt.len(), 0, sa.0.as_ptr().cast(), sa.1) };
+    let sent = n == pkt.len() as isize;
+    let error = (!sent).then(|| std::io::Error::last_os_error().to_string());
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    serde_json::json!({"created": true, "sent": sent, "error": error})
+}
+
+/// `addr` as a sockaddr_in/sockaddr_in6 in a byte buffer, with its length.
+fn socket2_addr(addr: SocketAddr) -> (Vec<u8>, libc::socklen_t) {
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in is plain data.
+            let bytes = unsafe {
+                std::slice::from_raw_parts((&sin as *const libc::sockaddr_in).cast::<u8>(), size_of_val(&sin))
+            };
+            (bytes.to_vec(), size_of_val(&sin) as libc::socklen_t)
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: 0,
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 is plain data.
+            let bytes = unsafe {
+                std::slice::from_raw_parts((&sin6 as *const libc::sockaddr_in6).cast::<u8>(), size_of_val(&sin6))
+            };
+            (bytes.to_vec(), size_of_val(&sin6) as libc::socklen_t)
+        }
     }
 }
