@@ -296,20 +296,27 @@ pub fn decide_http(policy: &Policy, role: Option<&str>, target: &Target, req: &H
         return plain(deny(format!("{} is never forwarded", req.method)));
     }
     let lists = [(Verdict::Deny, &http.deny), (Verdict::Approve, &http.approve), (Verdict::Allow, &http.allow)];
-    // Deny and approve entries match the path as any server may read it,
-    // allow entries only as it is forwarded: when in doubt, the stricter.
+    // Deny entries match the path as any server may read it, allow and
+    // approve entries as it is forwarded: when in doubt, the stricter.
     let loose = loose_path(req.path);
     let mut best: Option<(u8, Verdict, &HttpPattern)> = None;
     for (verdict, list) in lists {
         let covers = |p: &&HttpPattern| match verdict {
-            Verdict::Allow => p.matches(req.method, req.path),
-            _ => p.matches_loosely(req.method, req.path, &loose),
+            Verdict::Deny => p.matches_loosely(req.method, req.path, &loose),
+            _ => p.matches(req.method, req.path),
         };
         for p in list.iter().filter(covers) {
             // Higher rank wins; at equal rank the first list (deny) stays.
             if best.is_none_or(|(r, _, _)| p.rank() > r) {
                 best = Some((p.rank(), verdict, p));
             }
+        }
+    }
+    // An approve entry that covers another reading of the path holds what
+    // would be allowed; it never turns a denial into a question.
+    if let Some((_, Verdict::Allow, _)) = best {
+        if let Some(p) = http.approve.iter().find(|p| p.matches_loosely(req.method, req.path, &loose)) {
+            best = Some((p.rank(), Verdict::Approve, p));
         }
     }
     let (mut verdict, mut reason) = match best {
@@ -839,6 +846,13 @@ websocket = true
 name = "empty"
 [[roles.rules]]
 target = "api"
+
+[[roles]]
+name = "held"
+[[roles.rules]]
+target = "api"
+allow = ["*"]
+approve = ["PUT /repos/*/releases/**"]
 "#;
 
     fn http(role: &str, method: &str, path: &str) -> HttpDecision {
@@ -885,8 +899,12 @@ target = "api"
         assert_eq!(v("agent", "GET", "/repos/a/wiki/Secret/x"), Verdict::Deny, "deny beats an allow of equal rank");
         assert_eq!(v("agent", "GET", "/repos/a/wiki/secret;v=2/x"), Verdict::Deny);
         assert_eq!(v("ws", "GET", "/Private/x"), Verdict::Deny);
-        assert_eq!(v("agent", "PUT", "/repos/a/RELEASES/1"), Verdict::Approve);
-        assert_eq!(v("agent", "PUT", "/repos/a/releases;x/1"), Verdict::Approve);
+        // An approve entry holds what another reading would let through,
+        // and turns no denial into a question.
+        assert_eq!(v("ws", "PUT", "/repos/a/RELEASES/1"), Verdict::Allow, "no approve entry for ws");
+        assert_eq!(v("held", "PUT", "/repos/a/RELEASES/1"), Verdict::Approve);
+        assert_eq!(v("held", "PUT", "/repos/a/releases;x/1"), Verdict::Approve);
+        assert_eq!(v("agent", "PUT", "/repos/a/RELEASES/1"), Verdict::Deny, "default deny stays");
         // An allow entry covers the path as forwarded only.
         assert_eq!(v("agent", "POST", "/repos/a/issues"), Verdict::Allow);
         assert_eq!(v("agent", "POST", "/repos/a/Issues"), Verdict::Deny);

@@ -476,9 +476,9 @@ impl HttpPattern {
 
     /// Whether the entry covers the request under any reading a server may
     /// give its path: as it is, or as [`loose_path`] gives it (`loose`), with
-    /// or without a trailing `/`, in any case. Deny and approve entries
-    /// match so: a rule that keeps `/admin/**` out keeps out `/Admin/`,
-    /// `/admin;x/users` and `/admin%2Fusers` too.
+    /// or without a trailing `/`, in any case. Deny entries match so (a rule
+    /// that keeps `/admin/**` out keeps out `/Admin/`, `/admin;x/users` and
+    /// `/admin%2Fusers` too), and approve entries over what would be allowed.
     pub fn matches_loosely(&self, method: &str, path: &str, loose: &str) -> bool {
         if !self.covers_method(method) {
             return false;
