@@ -163,26 +163,8 @@ async fn handle(enforcer: Arc<Enforcer>, stream: TcpStream, peer: SocketAddr) {
         role: role.clone(),
     });
     enforcer.stats.decision(&decision, &target.name, target.protocol.name());
-    let decision_event = Event::Decision { session: id, request, decision: DecisionInfo::from(&decision) };
-    if decision.verdict == Verdict::Allow {
-        Stats::inc(&enforcer.stats.allowed);
-        // An opaque stream may change state upstream: its authorisation is
-        // on disk before a byte is forwarded.
-        if target.protocol == Protocol::Tcp {
-            if let Err(e) = enforcer.audit.record_durable(decision_event).await {
-                warn!(session = %id, error = %e, "audit write failed; connection refused");
-                return;
-            }
-        } else {
-            enforcer.audit.record(decision_event);
-        }
-    } else {
-        if decision.verdict == Verdict::Deny {
-            Stats::inc(&enforcer.stats.denied);
-        }
-        enforcer.audit.record(decision_event);
-    }
-
+    // Registered before its admission is on disk: a reload while the
+    // record is written must see this session too, to end it if need be.
     let live = LiveSession {
         session: id,
         target: target.name.clone(),
@@ -197,13 +179,36 @@ async fn handle(enforcer: Arc<Enforcer>, stream: TcpStream, peer: SocketAddr) {
         approved: decision.verdict == Verdict::Approve,
     };
     let revoked = enforcer.session_opened(live);
+    let decision_event = Event::Decision { session: id, request, decision: DecisionInfo::from(&decision) };
+    if decision.verdict == Verdict::Allow {
+        Stats::inc(&enforcer.stats.allowed);
+        // An opaque stream may change state upstream: its authorisation is
+        // on disk before a byte is forwarded.
+        if target.protocol == Protocol::Tcp {
+            if let Err(e) = enforcer.audit.record_durable(decision_event).await {
+                warn!(session = %id, error = %e, "audit write failed; connection refused");
+                enforcer.session_closed(id);
+                return;
+            }
+        } else {
+            enforcer.audit.record(decision_event);
+        }
+    } else {
+        if decision.verdict == Verdict::Deny {
+            Stats::inc(&enforcer.stats.denied);
+        }
+        enforcer.audit.record(decision_event);
+    }
+
     let session = Session { id, caller, orig_dst, target, role, enforcer: enforcer.clone() };
+    // A revocation that came while the admission was written goes first.
     let outcome = tokio::select! {
-        o = protocols::serve(&session, stream, decision) => o,
+        biased;
         Ok(why) = revoked => {
             warn!(session = %id, reason = %why, "session revoked by a policy change");
             protocols::Outcome::reason(format!("revoked by policy change: {why}"))
         }
+        o = protocols::serve(&session, stream, decision) => o,
     };
     enforcer.session_closed(id);
     info!(session = %id, reason = %outcome.reason, bytes_up = outcome.bytes_up, bytes_down = outcome.bytes_down, "session end");
