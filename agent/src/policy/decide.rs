@@ -1235,5 +1235,13 @@ update = ["refs/**"]
         assert_eq!(p.target_for("[::ffff:127.0.0.53]:5432".parse().unwrap()).unwrap().name, "db");
         assert_eq!(p.target_for("127.0.0.53:5433".parse().unwrap()).unwrap().name, "any");
         assert_eq!(p.target_for("[2001:db8::1]:1".parse().unwrap()).unwrap().name, "any");
+        // As the kernel looks targets up: an exact port first, then the
+        // longest prefix (its record and flags come from the same target).
+        let src = "version = 1\n[[targets]]\nname = \"host\"\nprotocol = \"tcp\"\nmatch = [\"127.0.0.53:*\"]\n\
+                   [[targets]]\nname = \"net\"\nprotocol = \"postgres\"\nmatch = [\"127.0.0.0/8:5432\"]\n";
+        let p = parse(src).unwrap();
+        assert_eq!(p.target_for("127.0.0.53:5432".parse().unwrap()).unwrap().name, "net");
+        assert_eq!(p.target_for("127.0.0.53:5433".parse().unwrap()).unwrap().name, "host");
+        assert_eq!(p.target_for("127.0.0.54:5432".parse().unwrap()).unwrap().name, "net");
     }
 }

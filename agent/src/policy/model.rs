@@ -44,19 +44,19 @@ impl Policy {
         self.roles.iter().find(|r| r.name == name)
     }
 
-    /// The target a connection to `dst` selects: the most specific match
-    /// (longest prefix, then an exact port over any port), as the kernel's
-    /// LPM lookup does.
+    /// The target a connection to `dst` selects, as the kernel's lookup
+    /// does: a match on the exact port over one on any port, then the
+    /// longest address prefix.
     pub fn target_for(&self, dst: SocketAddr) -> Option<&Target> {
         let ip = dst.ip().to_canonical();
-        let mut best: Option<(u32, bool, &Target)> = None;
+        let mut best: Option<(bool, u32, &Target)> = None;
         for t in &self.targets {
             for m in &t.matches {
                 if !m.matches(ip, dst.port()) {
                     continue;
                 }
-                let rank = (m.mapped_prefix_len(), m.port.is_some());
-                if best.is_none_or(|(p, e, _)| (p, e) < rank) {
+                let rank = (m.port.is_some(), m.mapped_prefix_len());
+                if best.is_none_or(|(e, p, _)| (e, p) < rank) {
                     best = Some((rank.0, rank.1, t));
                 }
             }
