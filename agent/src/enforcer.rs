@@ -15,7 +15,11 @@ use crate::{
     approvals::Approvals,
     audit::Audit,
     ids::{OrigDst, SessionId},
-    intercept::{cgroup::CgroupResolver, flood::FloodGate, probes::ConnTable},
+    intercept::{
+        cgroup::CgroupResolver,
+        flood::{CallerGates, FloodGate},
+        probes::ConnTable,
+    },
     policy::{Decision, Policy, Verdict},
     tls::LocalCa,
 };
@@ -43,6 +47,8 @@ pub struct Enforcer {
     /// by one.
     pub unattributed_gate: FloodGate,
     pub refusal_gate: FloodGate,
+    /// Rate of denied connections recorded one by one, per caller.
+    pub denied_gates: CallerGates,
     live: Mutex<BTreeMap<SessionId, LiveEntry>>,
 }
 
@@ -73,6 +79,7 @@ impl Enforcer {
             stats: Stats::default(),
             unattributed_gate: FloodGate::default(),
             refusal_gate: FloodGate::default(),
+            denied_gates: CallerGates::default(),
             live: Mutex::new(BTreeMap::new()),
         }
     }

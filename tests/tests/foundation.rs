@@ -116,6 +116,39 @@ fn role_without_access_is_refused_and_recorded() {
     assert!(line.contains("uid=0"), "{line}");
     assert!(line.contains("exe=") && line.contains("tcp-client"), "{line}");
     assert!(line.contains("cgroup=") && line.contains("/guest"), "{line}");
+
+    // A caller looping on the connection it is denied: recorded up to a
+    // rate, the rest counted for that caller; every one is accounted for.
+    const FLOOD: u64 = 1000;
+    let many = portcullis_tests::helper_bin("many-conns");
+    let _ = f.agent.exec("guest", &[many.to_str().unwrap(), "127.0.0.53:7000", &FLOOD.to_string()]).output();
+    assert_eq!(f.echo.count(), 0, "nothing reached the upstream");
+    let accounted = |records: &[serde_json::Value]| -> (u64, u64) {
+        let one_by_one =
+            records.iter().filter(|r| r["type"] == "session_start" && r["role"] == "nobody").count() as u64;
+        let counted = records
+            .iter()
+            .filter(|r| r["type"] == "suppressed" && r["of"] == "denied_session")
+            .inspect(|r| assert!(r["caller"].as_str().unwrap().ends_with("/guest"), "{r}"))
+            .map(|r| r["count"].as_u64().expect("count"))
+            .sum();
+        (one_by_one, counted)
+    };
+    let (one_by_one, counted) = wait_until(Duration::from_secs(15), || {
+        let (a, b) = accounted(&f.agent.audit());
+        (a + b == FLOOD + 1).then_some((a, b))
+    })
+    .unwrap_or_else(|| panic!("denials not accounted for: {:?}", accounted(&f.agent.audit())));
+    assert!(counted > 0, "{one_by_one} recorded one by one, none counted");
+    // Another caller's denial is still recorded on its own.
+    let before = f.agent.audit().iter().filter(|r| r["type"] == "session_start" && r["role"] == "builder").count();
+    let r = f.agent.tcp_client("ci", &["tcp", "127.0.0.53:7000", "still"]);
+    assert_eq!(r["reply"], "echo:still", "{r}");
+    wait_until(Duration::from_secs(10), || {
+        let n = f.agent.audit().iter().filter(|r| r["type"] == "session_start" && r["role"] == "builder").count();
+        (n == before + 1).then_some(())
+    })
+    .expect("the other caller's session is recorded");
 }
 
 #[test]

@@ -198,12 +198,14 @@ pub enum Event {
         reason: String,
     },
     /// Records past the rate kept one by one (`intercept::flood`), counted
-    /// over the last second or so: `of` is `unattributed` or
-    /// `kernel_refusal`.
+    /// over the last second or so: `of` is `unattributed`,
+    /// `kernel_refusal` or `denied_session` (with the caller's cgroup).
     Suppressed {
         of: String,
         count: u64,
         per_second: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        caller: Option<String>,
     },
     /// A request held for approval.
     ApprovalRequested {

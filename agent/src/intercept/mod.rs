@@ -40,19 +40,24 @@ fn unattributed(enforcer: &Enforcer, peer: SocketAddr, reason: String) {
     }
 }
 
-/// Records, once a second, how many unattributed connections and kernel
-/// refusals were only counted.
+/// Records, once a second, how many unattributed connections, kernel
+/// refusals and denied connections (per caller) were only counted.
 pub async fn record_suppressed(enforcer: Arc<Enforcer>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tick.tick().await;
+        let per_second = flood::PER_SECOND;
         for (of, gate) in [("unattributed", &enforcer.unattributed_gate), ("kernel_refusal", &enforcer.refusal_gate)] {
             let count = gate.take_suppressed();
             if count > 0 {
-                let per_second = flood::PER_SECOND;
                 warn!(of, count, per_second, "past the rate: counted, not recorded one by one");
-                enforcer.audit.record(Event::Suppressed { of: of.into(), count, per_second });
+                enforcer.audit.record(Event::Suppressed { of: of.into(), count, per_second, caller: None });
             }
+        }
+        for (caller, count) in enforcer.denied_gates.take_suppressed(std::time::Instant::now()) {
+            warn!(of = "denied_session", caller = %caller, count, per_second, "past the rate: counted, not recorded one by one");
+            let of = "denied_session".into();
+            enforcer.audit.record(Event::Suppressed { of, count, per_second, caller: Some(caller) });
         }
     }
 }
@@ -116,12 +121,24 @@ async fn handle(enforcer: Arc<Enforcer>, stream: TcpStream, peer: SocketAddr) {
     };
     let role = role_for(&policy, &subject).map(|r| r.name.clone());
 
+    // A caller looping on a connection it is denied must not fill the log:
+    // past the rate, a denial is counted and the connection reset.
+    let caller_key = caller.cgroup.clone().unwrap_or_else(|| format!("cgroup-id:{}", caller.cgroup_id));
+    let quiet_denial = |stream: &TcpStream| {
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        let _ = nix::sys::socket::setsockopt(stream, nix::sys::socket::sockopt::Linger, &linger);
+    };
+
     // The current policy decides, not the one in force at connect().
     let Some(target) = policy.target_for(orig_dst.0).cloned() else {
         let decision =
             Decision::deny(role.as_deref(), "targets", format!("{orig_dst} matches no target of the policy in force"));
         Stats::inc(&enforcer.stats.denied);
         enforcer.stats.decision(&decision, "", "");
+        if !enforcer.denied_gates.admit(&caller_key, std::time::Instant::now()) {
+            quiet_denial(&stream);
+            return;
+        }
         info!(session = %id, orig_dst = %orig_dst, tgid = caller.tgid, uid = caller.uid, unit = caller.unit.as_deref().unwrap_or("-"),
               exe = caller.exe.as_deref().unwrap_or("-"), verdict = "deny", reason = %decision.reason, "connection");
         enforcer.audit.record(Event::SessionStart {
@@ -148,6 +165,12 @@ async fn handle(enforcer: Arc<Enforcer>, stream: TcpStream, peer: SocketAddr) {
         (decide_session(&policy, role.as_deref(), &target), RequestInfo::Session)
     };
     drop(policy);
+    if decision.verdict == Verdict::Deny && !enforcer.denied_gates.admit(&caller_key, std::time::Instant::now()) {
+        Stats::inc(&enforcer.stats.denied);
+        enforcer.stats.decision(&decision, &target.name, target.protocol.name());
+        quiet_denial(&stream);
+        return;
+    }
 
     info!(session = %id, target = %target.name, protocol = %target.protocol, orig_dst = %orig_dst,
           tgid = caller.tgid, uid = caller.uid, comm = %caller.comm, unit = caller.unit.as_deref().unwrap_or("-"),
