@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use portcullis_tests::{fixtures::wait_until, require_root, servers::EchoServer, Agent};
+use serde_json::Value;
 
 /// Two scopes, one TCP target each way, an egress-deny scope with a DNS-like
 /// exception. `@CG@` is the test's own cgroup subtree; `@ECHO@`,
@@ -123,23 +124,12 @@ fn role_without_access_is_refused_and_recorded() {
     let many = portcullis_tests::helper_bin("many-conns");
     let _ = f.agent.exec("guest", &[many.to_str().unwrap(), "127.0.0.53:7000", &FLOOD.to_string()]).output();
     assert_eq!(f.echo.count(), 0, "nothing reached the upstream");
-    let accounted = |records: &[serde_json::Value]| -> (u64, u64) {
-        let one_by_one =
-            records.iter().filter(|r| r["type"] == "session_start" && r["role"] == "nobody").count() as u64;
-        let counted = records
-            .iter()
-            .filter(|r| r["type"] == "suppressed" && r["of"] == "denied_session")
-            .inspect(|r| assert!(r["caller"].as_str().unwrap().ends_with("/guest"), "{r}"))
-            .map(|r| r["count"].as_u64().expect("count"))
-            .sum();
-        (one_by_one, counted)
-    };
-    let (one_by_one, counted) = wait_until(Duration::from_secs(15), || {
-        let (a, b) = accounted(&f.agent.audit());
-        (a + b == FLOOD + 1).then_some((a, b))
-    })
-    .unwrap_or_else(|| panic!("denials not accounted for: {:?}", accounted(&f.agent.audit())));
-    assert!(counted > 0, "{one_by_one} recorded one by one, none counted");
+    let one_by_one = |r: &Value| r["type"] == "session_start" && r["role"] == "nobody";
+    let counted = accounted_for(&f.agent, one_by_one, "denied_session", |total| total == FLOOD + 1);
+    for r in f.agent.audit().iter().filter(|r| r["type"] == "suppressed" && r["of"] == "denied_session") {
+        assert!(r["caller"].as_str().unwrap().ends_with("/guest"), "{r}");
+    }
+    assert!(counted > 0);
     // Another caller's denial is still recorded on its own.
     let before = f.agent.audit().iter().filter(|r| r["type"] == "session_start" && r["role"] == "builder").count();
     let r = f.agent.tcp_client("ci", &["tcp", "127.0.0.53:7000", "still"]);
@@ -229,24 +219,10 @@ fn egress_deny_blocks_undeclared_destinations_but_not_exceptions() {
         let line = metrics.lines().find(|l| l.starts_with("portcullis_kernel_refusals_total ")).expect("metric");
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     };
-    let accounted = |records: &[serde_json::Value]| -> (u64, u64) {
-        let one_by_one = records.iter().filter(|r| r["type"] == "kernel_refusal").count() as u64;
-        let counted = records
-            .iter()
-            .filter(|r| r["type"] == "suppressed" && r["of"] == "kernel_refusal")
-            .map(|r| r["count"].as_u64().expect("count"))
-            .sum();
-        (one_by_one, counted)
-    };
-    let (one_by_one, counted) = wait_until(Duration::from_secs(15), || {
-        let want = total(&f.agent.metrics_text());
-        let (a, b) = accounted(&f.agent.audit());
-        (want >= FLOOD && a + b == want).then_some((a, b))
-    })
-    .unwrap_or_else(|| {
-        panic!("refusals not accounted for: {:?} of {}", accounted(&f.agent.audit()), total(&f.agent.metrics_text()))
-    });
-    assert!(counted > 0, "{one_by_one} recorded one by one, none counted");
+    let want = || total(&f.agent.metrics_text());
+    let counted =
+        accounted_for(&f.agent, |r| r["type"] == "kernel_refusal", "kernel_refusal", |n| n >= FLOOD && n == want());
+    assert!(counted > 0);
 }
 
 #[test]
@@ -298,21 +274,8 @@ fn unguarded_process_dialling_the_enforcer_gets_nothing() {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", f.agent.port)).expect("listener is up");
         let _ = s.read_to_end(&mut Vec::new());
     }
-    let accounted = |records: &[serde_json::Value]| -> (u64, u64) {
-        let one_by_one = records.iter().filter(|r| r["type"] == "unattributed").count() as u64;
-        let counted: u64 = records
-            .iter()
-            .filter(|r| r["type"] == "suppressed" && r["of"] == "unattributed")
-            .map(|r| r["count"].as_u64().expect("count"))
-            .sum();
-        (one_by_one, counted)
-    };
-    let (one_by_one, counted) = wait_until(Duration::from_secs(15), || {
-        let (a, b) = accounted(&f.agent.audit());
-        (a + b == FLOOD + 1).then_some((a, b))
-    })
-    .unwrap_or_else(|| panic!("not every connection accounted for: {:?}", accounted(&f.agent.audit())));
-    assert!(counted > 0, "{one_by_one} recorded one by one, none counted");
+    let counted = accounted_for(&f.agent, |r| r["type"] == "unattributed", "unattributed", |n| n == FLOOD + 1);
+    assert!(counted > 0);
     let metrics = f.agent.metrics_text();
     assert!(
         metrics.lines().any(|l| l == format!("portcullis_connections_unattributed_total {}", FLOOD + 1)),
@@ -458,4 +421,25 @@ fn a_deleted_policy_file_keeps_the_running_policy() {
     f.agent.wait_audit("rejected", |r| r["type"] == "policy_rejected");
     let r = f.agent.tcp_client("ci", &["tcp", "127.0.0.53:7000", "still-here"]);
     assert_eq!(r["reply"], "echo:still-here", "{r}");
+}
+
+/// Waits until the records kept one by one (`one_by_one`) and those counted
+/// in `suppressed` records of kind `of` add up to a total `done` accepts;
+/// returns how many were counted, after checking that some were (the flood
+/// went past the rate).
+fn accounted_for(agent: &Agent, one_by_one: impl Fn(&Value) -> bool, of: &str, done: impl Fn(u64) -> bool) -> u64 {
+    let split = || {
+        let records = agent.audit();
+        let kept = records.iter().filter(|r| one_by_one(r)).count() as u64;
+        let counted: u64 = records
+            .iter()
+            .filter(|r| r["type"] == "suppressed" && r["of"] == of)
+            .map(|r| r["count"].as_u64().expect("count"))
+            .sum();
+        (kept, counted)
+    };
+    let (kept, counted) = wait_until(Duration::from_secs(15), || Some(split()).filter(|(k, c)| done(k + c)))
+        .unwrap_or_else(|| panic!("{of}: not every one accounted for: {:?}", split()));
+    assert!(counted > 0, "{of}: {kept} recorded one by one, none counted");
+    counted
 }

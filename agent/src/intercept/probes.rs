@@ -290,27 +290,21 @@ impl Probes {
                     }
                 }
             }
-            let link: FdLink = if name == PROG_SOCK_OPS {
-                let prog: &mut SockOps = program(&mut self.ebpf, name)?;
-                let lid = prog
-                    .attach(&cgroup, CgroupAttachMode::Single)
-                    .map_err(|source| ProbeError::Program { name, source })?;
-                let l = prog.take_link(lid).map_err(|source| ProbeError::Program { name, source })?;
-                FdLink::try_from(l).map_err(|source| ProbeError::Link { name, source })?
-            } else if name == PROG_SOCK_CREATE {
-                let prog: &mut CgroupSock = program(&mut self.ebpf, name)?;
-                let lid = prog
-                    .attach(&cgroup, CgroupAttachMode::Single)
-                    .map_err(|source| ProbeError::Program { name, source })?;
-                let l = prog.take_link(lid).map_err(|source| ProbeError::Program { name, source })?;
-                FdLink::try_from(l).map_err(|source| ProbeError::Link { name, source })?
-            } else {
-                let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-                let lid = prog
-                    .attach(&cgroup, CgroupAttachMode::Single)
-                    .map_err(|source| ProbeError::Program { name, source })?;
-                let l = prog.take_link(lid).map_err(|source| ProbeError::Program { name, source })?;
-                FdLink::try_from(l).map_err(|source| ProbeError::Link { name, source })?
+            // Each program type has its own attach and link types.
+            macro_rules! attach {
+                ($ty:ty) => {{
+                    let prog: &mut $ty = program(&mut self.ebpf, name)?;
+                    let lid = prog
+                        .attach(&cgroup, CgroupAttachMode::Single)
+                        .map_err(|source| ProbeError::Program { name, source })?;
+                    let l = prog.take_link(lid).map_err(|source| ProbeError::Program { name, source })?;
+                    FdLink::try_from(l).map_err(|source| ProbeError::Link { name, source })?
+                }};
+            }
+            let link: FdLink = match name {
+                PROG_SOCK_OPS => attach!(SockOps),
+                PROG_SOCK_CREATE => attach!(CgroupSock),
+                _ => attach!(CgroupSockAddr),
             };
             link.pin(&pin).map_err(|e| ProbeError::Io {
                 what: "cannot pin link",
