@@ -752,19 +752,16 @@ pub struct GitGlob {
 
 impl GitGlob {
     pub fn new(text: &str) -> Result<GitGlob, String> {
-        let glob = globset::GlobBuilder::new(text)
-            .literal_separator(true)
-            .backslash_escape(true)
-            .build()
-            .map_err(|e| format!("bad pattern `{text}`: {e}"))?
-            .compile_matcher();
-        Ok(GitGlob { text: text.to_string(), glob })
+        GitGlob::build(text, true)
     }
     /// A glob whose `*` matches any run of characters, `/` included (for
     /// push options, which are not paths).
     pub fn any_chars(text: &str) -> Result<GitGlob, String> {
+        GitGlob::build(text, false)
+    }
+    fn build(text: &str, within_parts: bool) -> Result<GitGlob, String> {
         let glob = globset::GlobBuilder::new(text)
-            .literal_separator(false)
+            .literal_separator(within_parts)
             .backslash_escape(true)
             .build()
             .map_err(|e| format!("bad pattern `{text}`: {e}"))?
