@@ -988,7 +988,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 self.deferred = false;
                 return self.durable(event).await;
             }
-            self.session.enforcer.audit.record(event);
+            if d.decision.verdict == Verdict::Deny {
+                self.session.enforcer.record_denial(&self.session.caller, event);
+            } else {
+                self.session.enforcer.audit.record(event);
+            }
         }
         Ok(())
     }
