@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use crate::{
     approvals::Approvals,
-    audit::{Audit, CallerInfo},
+    audit::Audit,
     ids::{OrigDst, SessionId},
     intercept::{
         cgroup::CgroupResolver,
@@ -47,10 +47,8 @@ pub struct Enforcer {
     /// by one.
     pub unattributed_gate: FloodGate,
     pub refusal_gate: FloodGate,
-    /// Rates of denied connections and of denied requests recorded one by
-    /// one, per caller.
+    /// Rate of denied connections recorded one by one, per caller.
     pub denied_gates: CallerGates,
-    pub denied_request_gates: CallerGates,
     live: Mutex<BTreeMap<SessionId, LiveEntry>>,
 }
 
@@ -82,17 +80,7 @@ impl Enforcer {
             unattributed_gate: FloodGate::default(),
             refusal_gate: FloodGate::default(),
             denied_gates: CallerGates::default(),
-            denied_request_gates: CallerGates::default(),
             live: Mutex::new(BTreeMap::new()),
-        }
-    }
-
-    /// Records the denial of one request (a statement, an HTTP or git
-    /// request); past the caller's rate it is only counted (see
-    /// `intercept::flood`).
-    pub fn record_denial(&self, caller: &CallerInfo, event: crate::audit::Event) {
-        if self.denied_request_gates.admit(&caller_key(caller), std::time::Instant::now()) {
-            self.audit.record(event);
         }
     }
 
@@ -297,9 +285,4 @@ impl Drop for HeldGauge<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// The key a caller's rates are kept under: its cgroup.
-pub fn caller_key(caller: &CallerInfo) -> String {
-    caller.cgroup.clone().unwrap_or_else(|| format!("cgroup-id:{}", caller.cgroup_id))
 }

@@ -199,8 +199,7 @@ pub enum Event {
     },
     /// Records past the rate kept one by one (`intercept::flood`), counted
     /// over the last second or so: `of` is `unattributed`,
-    /// `kernel_refusal`, `denied_session` or `denied_request` (these two
-    /// with the caller's cgroup).
+    /// `kernel_refusal` or `denied_session` (with the caller's cgroup).
     Suppressed {
         of: String,
         count: u64,

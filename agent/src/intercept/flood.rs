@@ -1,10 +1,10 @@
 //! Connections that reach the enforcer without a kernel record can come
 //! from anyone on the host, and a guarded caller can loop on a connect the
-//! kernel refuses, on one its role is denied or on a request it is denied.
-//! Each is recorded up to a rate (denials per caller), so a flood of them
-//! cannot fill the audit log (and push older records out through
-//! retention); past the rate they are counted, and the count is recorded
-//! once a second while there is one.
+//! kernel refuses or on one its role is denied. Each is recorded up to a
+//! rate (denied connections per caller), so a flood of them cannot fill the
+//! audit log (and push older records out through retention); past the rate
+//! they are counted, and the count is recorded once a second while there
+//! is one.
 use std::{
     collections::HashMap,
     sync::Mutex,

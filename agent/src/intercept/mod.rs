@@ -54,14 +54,10 @@ pub async fn record_suppressed(enforcer: Arc<Enforcer>) {
                 enforcer.audit.record(Event::Suppressed { of: of.into(), count, per_second, caller: None });
             }
         }
-        let now = std::time::Instant::now();
-        for (of, gates) in
-            [("denied_session", &enforcer.denied_gates), ("denied_request", &enforcer.denied_request_gates)]
-        {
-            for (caller, count) in gates.take_suppressed(now) {
-                warn!(of, caller = %caller, count, per_second, "past the rate: counted, not recorded one by one");
-                enforcer.audit.record(Event::Suppressed { of: of.into(), count, per_second, caller: Some(caller) });
-            }
+        for (caller, count) in enforcer.denied_gates.take_suppressed(std::time::Instant::now()) {
+            warn!(of = "denied_session", caller = %caller, count, per_second, "past the rate: counted, not recorded one by one");
+            let of = "denied_session".into();
+            enforcer.audit.record(Event::Suppressed { of, count, per_second, caller: Some(caller) });
         }
     }
 }
@@ -127,7 +123,7 @@ async fn handle(enforcer: Arc<Enforcer>, stream: TcpStream, peer: SocketAddr) {
 
     // A caller looping on a connection it is denied must not fill the log:
     // past the rate, a denial is counted and the connection reset.
-    let caller_key = crate::enforcer::caller_key(&caller);
+    let caller_key = caller.cgroup.clone().unwrap_or_else(|| format!("cgroup-id:{}", caller.cgroup_id));
     let quiet_denial = |stream: &TcpStream| {
         let linger = libc::linger { l_onoff: 1, l_linger: 0 };
         let _ = nix::sys::socket::setsockopt(stream, nix::sys::socket::sockopt::Linger, &linger);

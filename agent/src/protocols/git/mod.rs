@@ -291,10 +291,11 @@ impl Git {
         Stats::inc(&e.stats.denied);
         e.stats.decision(d, &self.proxy.target.name, "git");
         debug!(session = %self.proxy.session, repo = %info.repo, rule = %d.rule, reason = %d.reason, "git request refused");
-        e.record_denial(
-            &self.caller,
-            Event::Decision { session: self.proxy.session, request: info.request(), decision: DecisionInfo::from(d) },
-        );
+        e.audit.record(Event::Decision {
+            session: self.proxy.session,
+            request: info.request(),
+            decision: DecisionInfo::from(d),
+        });
         text(status, &format!("portcullis: {} ({} by {})\n", d.reason, d.verdict, d.rule))
     }
 

@@ -432,14 +432,11 @@ impl Proxy {
         Stats::inc(&self.enforcer.stats.denied);
         debug!(session = %self.session, method = %info.method, host = %info.host, path = %info.path,
                rule = %d.rule, reason = %d.reason, "request denied");
-        self.enforcer.record_denial(
-            &self.caller,
-            Event::Decision {
-                session: self.session,
-                request: info.request_info(Some(status.as_u16()), 0, 0),
-                decision: DecisionInfo::from(d),
-            },
-        );
+        self.enforcer.audit.record(Event::Decision {
+            session: self.session,
+            request: info.request_info(Some(status.as_u16()), 0, 0),
+            decision: DecisionInfo::from(d),
+        });
         reply::denied(status, d, self.session, info.seq)
     }
 

@@ -988,11 +988,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Front<'_, R, W> {
                 self.deferred = false;
                 return self.durable(event).await;
             }
-            if d.decision.verdict == Verdict::Deny {
-                self.session.enforcer.record_denial(&self.session.caller, event);
-            } else {
-                self.session.enforcer.audit.record(event);
-            }
+            self.session.enforcer.audit.record(event);
         }
         Ok(())
     }
