@@ -86,7 +86,14 @@ fn fixture() -> Option<Fixture> {
                (3, '{}', '987-65-4321', 'nothing to see');
              CREATE FUNCTION email_of(int) RETURNS text LANGUAGE sql AS 'SELECT email FROM users WHERE id = $1';
              CREATE TABLE notes (id int, body text);
-             INSERT INTO notes VALUES (1, 'paid with {CARD}'), (2, 'ref {NOT_A_CARD}');",
+             INSERT INTO notes VALUES (1, 'paid with {CARD}'), (2, 'ref {NOT_A_CARD}');
+             CREATE VIEW contacts AS SELECT id, email AS contact FROM users;
+             CREATE VIEW contact_list AS SELECT contact FROM contacts;
+             CREATE MATERIALIZED VIEW contact_copy AS SELECT id, upper(email) AS e FROM users;
+             CREATE SCHEMA report;
+             CREATE VIEW report.\"Who\" AS SELECT n.id, u.email FROM notes n JOIN users u USING (id);
+             CREATE VIEW note_ids AS SELECT id, body FROM notes;
+             CREATE VIEW first_email AS SELECT email_of(1) AS e;",
             EMAILS[0], EMAILS[1], EMAILS[2]
         ),
     );
@@ -152,6 +159,34 @@ fn columns_are_masked_for_the_masked_role_and_clear_for_another() {
     let (out, err) = output_text(&psql(&f, "analyst", "SELECT email::int FROM users;\nSELECT 'alive';\n"));
     assert!(err.contains("22P02"), "{err}");
     assert!(no_email(&err) && out.contains("alive"), "{out}\n{err}");
+}
+
+#[test]
+fn views_over_masked_columns_are_masked_too() {
+    // A view (or a view over it, or a materialized view) reports its own
+    // table oid, so a rule on users.email alone would let it through. Every
+    // column of a view that reads a masked relation, or calls a function of
+    // the database's own, is masked.
+    let Some(f) = fixture() else { return };
+    let script = "SELECT contact FROM contacts ORDER BY id;\n\
+                  SELECT * FROM contact_list;\n\
+                  SELECT e FROM contact_copy ORDER BY id;\n\
+                  SELECT email FROM report.\"Who\";\n\
+                  SELECT upper(contact), contact || '' FROM contacts;\n\
+                  SELECT upper(e) FROM contact_copy;\n\
+                  SELECT e FROM first_email;\n\
+                  SELECT 'alive';\n";
+    let (out, err) = output_text(&psql(&f, "analyst", script));
+    assert!(no_email(&out) && no_email(&err), "{out}\n{err}\n{}", f.agent.log_text());
+    assert!(out.contains("alive") && out.contains("****"), "{out}\n{err}");
+    let (out, err) = output_text(&psql(&f, "analyst", "COPY (SELECT * FROM contacts) TO STDOUT;\n"));
+    assert!(err.contains("42501") && no_email(&out), "{out}\n{err}");
+    // A view over unmasked columns only stays readable; the admin role
+    // reads the views in clear.
+    let (out, err) = output_text(&psql(&f, "analyst", "SELECT id FROM note_ids ORDER BY id;\n"));
+    assert_eq!(out, "1\n2\n", "{err}");
+    let (out, err) = output_text(&psql(&f, "admin", "SELECT contact FROM contacts ORDER BY id;\n"));
+    assert_eq!(out, format!("{}\n{}\n{}\n", EMAILS[0], EMAILS[1], EMAILS[2]), "{err}");
 }
 
 #[test]

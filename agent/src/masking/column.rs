@@ -80,10 +80,13 @@ pub struct CatalogRow {
     pub attnum: i16,
 }
 
-/// Column rules resolved to (table oid, attribute number).
+/// Column rules resolved to (table oid, attribute number), and the views
+/// that read masked columns, masked whole.
 #[derive(Debug, Clone, Default)]
 pub struct ResolvedColumns {
     modes: HashMap<(u32, i16), Mode>,
+    /// Views and materialized views by oid: every column of one is masked.
+    relations: HashMap<u32, Mode>,
 }
 
 impl ResolvedColumns {
@@ -96,20 +99,86 @@ impl ResolvedColumns {
                 *e = e.clone().stricter(r.mode.clone());
             }
         }
-        ResolvedColumns { modes }
+        ResolvedColumns { modes, relations: HashMap::new() }
     }
 
-    pub fn mode(&self, table_oid: u32, attnum: i16) -> Option<&Mode> {
-        self.modes.get(&(table_oid, attnum))
+    /// The relations that hold masked columns, each with the strictest mode
+    /// among them: the seeds of [`dependents_query`].
+    pub fn masked_relations(&self) -> Vec<(u32, Mode)> {
+        let mut by_oid: HashMap<u32, Mode> = HashMap::new();
+        for (&(oid, _), mode) in &self.modes {
+            stricten(&mut by_oid, oid, mode);
+        }
+        let mut v: Vec<(u32, Mode)> = by_oid.into_iter().collect();
+        v.sort_by_key(|(oid, _)| *oid);
+        v
+    }
+
+    /// Masks every column of relation `oid` (a view that reads masked
+    /// columns) with `mode`, or a stricter mode it already has.
+    pub fn mask_relation(&mut self, oid: u32, mode: &Mode) {
+        stricten(&mut self.relations, oid, mode);
+    }
+
+    /// The mode of column `attnum` of relation `table_oid`, if masked.
+    pub fn mode(&self, table_oid: u32, attnum: i16) -> Option<Mode> {
+        match (self.modes.get(&(table_oid, attnum)), self.relations.get(&table_oid)) {
+            (Some(a), Some(b)) => Some(a.clone().stricter(b.clone())),
+            (a, b) => a.or(b).cloned(),
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.modes.len()
+        self.modes.len() + self.relations.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.modes.is_empty()
+        self.modes.is_empty() && self.relations.is_empty()
     }
+}
+
+fn stricten(map: &mut HashMap<u32, Mode>, key: u32, mode: &Mode) {
+    let e = map.entry(key).or_insert_with(|| mode.clone());
+    *e = e.clone().stricter(mode.clone());
+}
+
+/// The query that finds the views and materialized views that read a
+/// masked relation, directly or through other views, or that call a
+/// function of the database's own (which may read anything). A view's
+/// columns cannot be traced to the columns it reads (PostgreSQL reports the
+/// view's own oid), so all of them are masked, as computed fields of a
+/// statement that reads a masked relation are.
+///
+/// `seeds` are the masked relations as (oid, mode index); the result is
+/// (nspname, relname, oid, mode index), the index -1 standing for the
+/// strictest mode of all (a view that calls a function). Dependencies come
+/// from `pg_depend` on the views' ON SELECT rules; built-in functions are
+/// pinned and never listed there, and a view reads through a built-in only
+/// by the names it mentions.
+pub fn dependents_query(seeds: &[(u32, usize)]) -> String {
+    let seed = if seeds.is_empty() {
+        "SELECT 0::pg_catalog.oid, 0 WHERE false".to_string()
+    } else {
+        let values: Vec<String> = seeds.iter().map(|(oid, i)| format!("({oid}::pg_catalog.oid, {i})")).collect();
+        format!("VALUES {}", values.join(", "))
+    };
+    format!(
+        "WITH RECURSIVE seed(oid, src) AS ({seed}), \
+         uses(rel, oid, kind) AS (\
+           SELECT DISTINCT r.ev_class, d.refobjid, d.refclassid FROM pg_catalog.pg_rewrite r \
+           JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = r.oid \
+           WHERE r.ev_type = '1' AND d.refclassid IN ('pg_catalog.pg_class'::pg_catalog.regclass, 'pg_catalog.pg_proc'::pg_catalog.regclass) \
+             AND d.refobjid <> r.ev_class), \
+         dep(oid, src, derived) AS (\
+           SELECT oid, src, false FROM seed \
+           UNION SELECT rel, -1, true FROM uses WHERE kind = 'pg_catalog.pg_proc'::pg_catalog.regclass \
+           UNION SELECT u.rel, dep.src, true FROM dep \
+             JOIN uses u ON u.oid = dep.oid AND u.kind = 'pg_catalog.pg_class'::pg_catalog.regclass) \
+         SELECT DISTINCT n.nspname, c.relname, c.oid, dep.src FROM dep \
+         JOIN pg_catalog.pg_class c ON c.oid = dep.oid \
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         WHERE dep.derived AND c.relkind IN ('v', 'm')"
+    )
 }
 
 /// The strictest mode of the rules whose column part matches one of
@@ -181,8 +250,7 @@ impl RowPlan {
         let fields = fields
             .iter()
             .map(|f| {
-                let column =
-                    if f.table_oid == 0 { computed.cloned() } else { columns.mode(f.table_oid, f.attnum).cloned() };
+                let column = if f.table_oid == 0 { computed.cloned() } else { columns.mode(f.table_oid, f.attnum) };
                 let kind = match (f.binary, f.type_oid) {
                     (_, t) if TEXTUAL.contains(&t) => ValueKind::Text,
                     (_, JSON) => ValueKind::Json,
@@ -471,13 +539,40 @@ mod tests {
                 row("public", "users", "name", 100, 2),
             ],
         );
-        assert_eq!(cols.mode(100, 3), Some(&Mode::Hash));
-        assert_eq!(cols.mode(200, 2), Some(&Mode::Hash));
-        assert_eq!(cols.mode(100, 5), Some(&Mode::Null));
+        assert_eq!(cols.mode(100, 3), Some(Mode::Hash));
+        assert_eq!(cols.mode(200, 2), Some(Mode::Hash));
+        assert_eq!(cols.mode(100, 5), Some(Mode::Null));
         assert_eq!(cols.mode(100, 2), None);
         assert_eq!(strictest_for_names(&r, ["id", "email"]), Some(Mode::Hash));
         assert_eq!(strictest_for_names(&r, ["ssn", "email"]), Some(Mode::Null));
         assert_eq!(strictest_for_names(&r, ["id"]), None);
+    }
+
+    #[test]
+    fn views_over_masked_relations_are_masked_whole() {
+        let r = rules(&["column:public.users.email=partial:4", "column:users.ssn=hash", "column:cards.number"]);
+        let mut cols = ResolvedColumns::resolve(
+            &r,
+            [
+                row("public", "users", "email", 100, 3),
+                row("public", "users", "ssn", 100, 5),
+                row("public", "cards", "number", 300, 2),
+            ],
+        );
+        // The seeds: each masked relation with its strictest mode.
+        assert_eq!(cols.masked_relations(), vec![(100, Mode::Hash), (300, Mode::Redact(None))]);
+        let q = dependents_query(&[(100, 0), (300, 1)]);
+        assert!(q.contains("VALUES (100::pg_catalog.oid, 0), (300::pg_catalog.oid, 1)"), "{q}");
+        assert!(dependents_query(&[]).contains("WHERE false"));
+        cols.mask_relation(200, &Mode::Partial(4));
+        assert_eq!(cols.mode(200, 1), Some(Mode::Partial(4)));
+        assert_eq!(cols.mode(200, 7), Some(Mode::Partial(4)), "every column of the view");
+        // A view column with its own rule keeps the stricter of the two.
+        cols.mask_relation(100, &Mode::Null);
+        assert_eq!(cols.mode(100, 3), Some(Mode::Null));
+        assert_eq!(cols.mode(100, 2), Some(Mode::Null));
+        assert_eq!(cols.mode(400, 1), None);
+        assert_eq!(cols.len(), 5);
     }
 
     fn field(table_oid: u32, attnum: i16, type_oid: u32, binary: bool) -> FieldDesc {

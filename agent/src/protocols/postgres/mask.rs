@@ -26,7 +26,7 @@ use super::{
     wire::{self, FrameReader},
 };
 use crate::masking::{
-    column::{catalog_query, CatalogRow, ColumnRule, FieldDesc, ResolvedColumns, RowPlan},
+    column::{catalog_query, dependents_query, CatalogRow, ColumnRule, FieldDesc, ResolvedColumns, RowPlan},
     Mode, NullAs, Outcome, SessionMasker,
 };
 
@@ -34,30 +34,45 @@ use crate::masking::{
 #[derive(Debug, Default)]
 pub struct Columns {
     rules: Vec<ColumnRule>,
+    /// Views that read masked columns, as (schema, name, mode): reading one
+    /// is reading a masked relation.
+    views: Vec<(String, String, Mode)>,
 }
 
 impl Columns {
-    pub fn new(rules: &[ColumnRule]) -> Columns {
-        Columns { rules: rules.to_vec() }
+    pub fn new(rules: &[ColumnRule], views: Vec<(String, String, Mode)>) -> Columns {
+        Columns { rules: rules.to_vec(), views }
     }
 
-    fn strictest<'a>(rules: impl Iterator<Item = &'a ColumnRule>) -> Option<Mode> {
-        rules.fold(None, |best: Option<Mode>, r| {
+    fn strictest<'a>(modes: impl Iterator<Item = &'a Mode>) -> Option<Mode> {
+        modes.fold(None, |best: Option<Mode>, m| {
             Some(match best {
-                None => r.mode.clone(),
-                Some(b) => b.stricter(r.mode.clone()),
+                None => m.clone(),
+                Some(b) => b.stricter(m.clone()),
             })
         })
     }
 
-    /// The rules whose relation part names one of the statement's tables.
-    fn on_tables<'a>(&'a self, info: &'a StatementInfo) -> impl Iterator<Item = &'a ColumnRule> + 'a {
-        self.rules.iter().filter(|r| {
-            info.tables.iter().any(|t| {
+    /// The modes of the rules whose relation part names one of the
+    /// statement's tables, and of the masked views among them.
+    fn on_tables<'a>(&'a self, info: &'a StatementInfo) -> impl Iterator<Item = &'a Mode> + 'a {
+        let names = || {
+            info.tables.iter().map(|t| {
                 let (schema, table) = t.split_once('.').unwrap_or(("public", t.as_str()));
-                r.schema.matches(schema) && r.table.matches(table)
+                (schema, table)
             })
-        })
+        };
+        let rules = self
+            .rules
+            .iter()
+            .filter(move |r| names().any(|(schema, table)| r.schema.matches(schema) && r.table.matches(table)))
+            .map(|r| &r.mode);
+        let views = self
+            .views
+            .iter()
+            .filter(move |(vs, vt, _)| names().any(|(schema, table)| vs == schema && vt == table))
+            .map(|(_, _, m)| m);
+        rules.chain(views)
     }
 
     /// The mode for computed result fields (table oid 0) of a statement.
@@ -69,7 +84,7 @@ impl Columns {
             || info.kind == "EXECUTE"
             || info.functions.iter().any(|f| f.class == Some(class::FUNCTION_CALL) || f.class == Some(class::SERVER));
         if opaque {
-            return Self::strictest(self.rules.iter());
+            return self.unknown();
         }
         Self::strictest(self.on_tables(info))
     }
@@ -77,7 +92,7 @@ impl Columns {
     /// The mode for computed fields of rows whose statement is unknown
     /// here (an SQL cursor's portal): the strictest of all.
     pub fn unknown(&self) -> Option<Mode> {
-        Self::strictest(self.rules.iter())
+        Self::strictest(self.rules.iter().map(|r| &r.mode))
     }
 
     /// Whether the statement copies out of a relation with masked columns.
@@ -86,15 +101,59 @@ impl Columns {
     }
 }
 
-/// Runs the catalog query for `rules` on a started upstream session and
-/// resolves them. Errors name what went wrong (nothing of the data).
-pub async fn resolve<S>(up: &mut FrameReader<S>, rules: &[ColumnRule]) -> Result<ResolvedColumns, String>
+/// What a session's column rules resolve to: the columns for the response
+/// side, and the masked views for the request side.
+pub struct Resolved {
+    pub columns: ResolvedColumns,
+    pub views: Vec<(String, String, Mode)>,
+}
+
+/// Runs the catalog queries for `rules` on a started upstream session: the
+/// columns the rules name, then the views that read them (masked whole).
+/// Errors name what went wrong (nothing of the data).
+pub async fn resolve<S>(up: &mut FrameReader<S>, rules: &[ColumnRule]) -> Result<Resolved, String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(sql) = catalog_query(rules) else { return Ok(ResolvedColumns::default()) };
+    let Some(sql) = catalog_query(rules) else {
+        return Ok(Resolved { columns: ResolvedColumns::default(), views: Vec::new() });
+    };
+    let mut rows = Vec::new();
+    for values in catalog_rows(up, &sql, 5).await? {
+        rows.push(CatalogRow {
+            schema: values[0].clone(),
+            table: values[1].clone(),
+            column: values[2].clone(),
+            table_oid: values[3].parse().map_err(|_| "catalog query: bad oid")?,
+            attnum: values[4].parse().map_err(|_| "catalog query: bad attnum")?,
+        });
+    }
+    let mut columns = ResolvedColumns::resolve(rules, rows);
+    let seeds = columns.masked_relations();
+    let strictest = Columns::strictest(rules.iter().map(|r| &r.mode)).expect("rules are not empty");
+    let indexed: Vec<(u32, usize)> = seeds.iter().enumerate().map(|(i, (oid, _))| (*oid, i)).collect();
+    let mut views = Vec::new();
+    for values in catalog_rows(up, &dependents_query(&indexed), 4).await? {
+        let oid: u32 = values[2].parse().map_err(|_| "catalog query: bad oid")?;
+        let src: i64 = values[3].parse().map_err(|_| "catalog query: bad index")?;
+        let mode = match usize::try_from(src) {
+            Ok(i) => &seeds.get(i).ok_or("catalog query: bad index")?.1,
+            Err(_) => &strictest,
+        };
+        columns.mask_relation(oid, mode);
+        views.push((values[0].clone(), values[1].clone(), mode.clone()));
+    }
+    Ok(Resolved { columns, views })
+}
+
+/// Runs one catalog query; its rows as text, each with `width` non-NULL
+/// values.
+async fn catalog_rows<S>(up: &mut FrameReader<S>, sql: &str, width: usize) -> Result<Vec<Vec<String>>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut out = BytesMut::new();
-    wire::query(&mut out, &sql);
+    wire::query(&mut out, sql);
     wire::send(up.get_mut(), &out).await.map_err(|e| format!("catalog query: {e}"))?;
     let mut rows = Vec::new();
     let mut failed = None;
@@ -105,21 +164,12 @@ where
             b'D' => {
                 let values =
                     crate::masking::column::data_row_values(frame.body()).ok_or("catalog query: malformed row")?;
-                let text = |i: usize| -> Result<String, String> {
-                    values
-                        .get(i)
-                        .cloned()
-                        .flatten()
-                        .map(|v| String::from_utf8_lossy(&v).into_owned())
-                        .ok_or_else(|| "catalog query: missing value".to_string())
-                };
-                rows.push(CatalogRow {
-                    schema: text(0)?,
-                    table: text(1)?,
-                    column: text(2)?,
-                    table_oid: text(3)?.parse().map_err(|_| "catalog query: bad oid")?,
-                    attnum: text(4)?.parse().map_err(|_| "catalog query: bad attnum")?,
-                });
+                let row: Option<Vec<String>> = values
+                    .into_iter()
+                    .map(|v| v.map(|v| String::from_utf8_lossy(&v).into_owned()))
+                    .collect::<Option<_>>()
+                    .filter(|r: &Vec<String>| r.len() == width);
+                rows.push(row.ok_or("catalog query: missing value")?);
             }
             b'E' => {
                 let m = wire::error_field(frame.body(), b'C').map(|c| String::from_utf8_lossy(c).into_owned());
@@ -131,7 +181,7 @@ where
     }
     match failed {
         Some(e) => Err(e),
-        None => Ok(ResolvedColumns::resolve(rules, rows)),
+        None => Ok(rows),
     }
 }
 
@@ -334,6 +384,10 @@ mod tests {
     use crate::masking::MaskRule;
 
     fn columns(entries: &[&str]) -> Columns {
+        columns_and_views(entries, Vec::new())
+    }
+
+    fn columns_and_views(entries: &[&str], views: Vec<(String, String, Mode)>) -> Columns {
         let rules: Vec<ColumnRule> = entries
             .iter()
             .map(|e| match parse_rule(e, &[]).unwrap() {
@@ -341,7 +395,7 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect();
-        Columns::new(&rules)
+        Columns::new(&rules, views)
     }
 
     fn info(sql: &str) -> StatementInfo {
@@ -365,6 +419,20 @@ mod tests {
         assert!(!c.copy_refused(&info("COPY items TO STDOUT")));
         assert!(!c.copy_refused(&info("SELECT email FROM users")));
         assert_eq!(columns(&[]).computed(&info("SELECT upper(email) FROM users")), None);
+    }
+
+    #[test]
+    fn views_that_read_masked_columns_count_as_masked_relations() {
+        let views = vec![
+            ("public".to_string(), "contacts".to_string(), Mode::Partial(4)),
+            ("report".to_string(), "Who".to_string(), Mode::Hash),
+        ];
+        let c = columns_and_views(&["column:public.users.email=partial:4", "column:public.cards.number=hash"], views);
+        assert_eq!(c.computed(&info("SELECT upper(contact) FROM contacts")), Some(Mode::Partial(4)));
+        assert_eq!(c.computed(&info("SELECT upper(email) FROM report.\"Who\"")), Some(Mode::Hash));
+        assert_eq!(c.computed(&info("SELECT upper(email) FROM report.who")), None, "another relation");
+        assert!(c.copy_refused(&info("COPY (SELECT * FROM contacts) TO STDOUT")));
+        assert!(!c.copy_refused(&info("COPY (SELECT * FROM items) TO STDOUT")));
     }
 
     #[test]

@@ -212,9 +212,9 @@ async fn masking(
     let masker = SessionMasker::start(plan.clone(), &policy.masking, &injected).map_err(|e| e.to_string())?;
     let rules = plan.column_rules();
     let resolved = mask::resolve(up, rules).await?;
-    let rows = (masker.scans_text() || !rules.is_empty()).then(|| mask::RowMasker::new(masker, resolved));
+    let rows = (masker.scans_text() || !rules.is_empty()).then(|| mask::RowMasker::new(masker, resolved.columns));
     let source = proxy::mask_source(&policy, session);
-    Ok(proxy::Masking { columns: mask::Columns::new(rules), rows, source, policy })
+    Ok(proxy::Masking { columns: mask::Columns::new(rules, resolved.views), rows, source, policy })
 }
 
 /// Answers SSLRequest (with TLS from the local CA when the target offers it
