@@ -220,6 +220,7 @@ fn main() {
         column: n.clone(),
         table_oid: TABLE_OID,
         attnum: i as i16 + 1,
+        relation: ("public".into(), "customers".into()),
     });
     let resolved = ResolvedColumns::resolve(m.plan().column_rules(), catalog);
     let fields: Vec<FieldDesc> = corpus

@@ -33,8 +33,12 @@ impl ColumnRule {
 }
 
 /// The query that lists the columns the rules name (tables, views,
-/// materialized views, foreign and partitioned tables), as
-/// (nspname, relname, attname, oid, attnum). `None` without column rules.
+/// materialized views, foreign and partitioned tables), and the same
+/// columns (by name) of the relations that inherit from them (partitions,
+/// inheritance children), which report their own oid when read directly;
+/// as (nspname, relname, attname) as the rules name them, then (oid,
+/// attnum, nspname, relname) of the relation read. `None` without column
+/// rules.
 pub fn catalog_query(rules: &[ColumnRule]) -> Option<String> {
     if rules.is_empty() {
         return None;
@@ -50,11 +54,21 @@ pub fn catalog_query(rules: &[ColumnRule]) -> Option<String> {
         conds.push(if parts.is_empty() { "true".to_string() } else { format!("({})", parts.join(" AND ")) });
     }
     Some(format!(
-        "SELECT n.nspname, c.relname, a.attname, c.oid, a.attnum \
-         FROM pg_catalog.pg_attribute a \
-         JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
-         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-         WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'f', 'p') AND ({})",
+        "WITH RECURSIVE named AS (\
+           SELECT n.nspname, c.relname, a.attname, c.oid \
+           FROM pg_catalog.pg_attribute a \
+           JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+           WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'v', 'm', 'f', 'p') AND ({})), \
+         tree(nspname, relname, attname, oid) AS (\
+           SELECT nspname, relname, attname, oid FROM named \
+           UNION SELECT t.nspname, t.relname, t.attname, i.inhrelid FROM tree t \
+             JOIN pg_catalog.pg_inherits i ON i.inhparent = t.oid) \
+         SELECT t.nspname, t.relname, t.attname, t.oid, a.attnum, rn.nspname, r.relname FROM tree t \
+         JOIN pg_catalog.pg_attribute a ON a.attrelid = t.oid AND a.attname = t.attname \
+           AND a.attnum > 0 AND NOT a.attisdropped \
+         JOIN pg_catalog.pg_class r ON r.oid = t.oid \
+         JOIN pg_catalog.pg_namespace rn ON rn.oid = r.relnamespace",
         conds.join(" OR ")
     ))
 }
@@ -73,11 +87,15 @@ fn sql_literal(s: &str) -> String {
 /// One row of the catalog query's result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CatalogRow {
+    /// The names a rule matches: of the relation read, or of the one it
+    /// inherits from.
     pub schema: String,
     pub table: String,
     pub column: String,
+    /// The relation read.
     pub table_oid: u32,
     pub attnum: i16,
+    pub relation: (String, String),
 }
 
 /// Column rules resolved to (table oid, attribute number), and the views
@@ -87,30 +105,38 @@ pub struct ResolvedColumns {
     modes: HashMap<(u32, i16), Mode>,
     /// Views and materialized views by oid: every column of one is masked.
     relations: HashMap<u32, Mode>,
+    /// The (schema, name) of each relation with masked columns.
+    names: HashMap<u32, (String, String)>,
 }
 
 impl ResolvedColumns {
     /// Where several rules name one column, the strictest mode wins.
     pub fn resolve(rules: &[ColumnRule], rows: impl IntoIterator<Item = CatalogRow>) -> ResolvedColumns {
         let mut modes: HashMap<(u32, i16), Mode> = HashMap::new();
+        let mut names = HashMap::new();
         for row in rows {
             for r in rules.iter().filter(|r| r.matches(&row.schema, &row.table, &row.column)) {
                 let e = modes.entry((row.table_oid, row.attnum)).or_insert_with(|| r.mode.clone());
                 *e = e.clone().stricter(r.mode.clone());
+                names.entry(row.table_oid).or_insert_with(|| row.relation.clone());
             }
         }
-        ResolvedColumns { modes, relations: HashMap::new() }
+        ResolvedColumns { modes, relations: HashMap::new(), names }
     }
 
-    /// The relations that hold masked columns, each with the strictest mode
-    /// among them: the seeds of [`dependents_query`].
-    pub fn masked_relations(&self) -> Vec<(u32, Mode)> {
+    /// The relations that hold masked columns, as (oid, schema, name) with
+    /// the strictest mode among their columns: the seeds of
+    /// [`dependents_query`], and what a statement must not read unmasked.
+    pub fn masked_relations(&self) -> Vec<(u32, (String, String), Mode)> {
         let mut by_oid: HashMap<u32, Mode> = HashMap::new();
         for (&(oid, _), mode) in &self.modes {
             stricten(&mut by_oid, oid, mode);
         }
-        let mut v: Vec<(u32, Mode)> = by_oid.into_iter().collect();
-        v.sort_by_key(|(oid, _)| *oid);
+        let mut v: Vec<(u32, (String, String), Mode)> = by_oid
+            .into_iter()
+            .map(|(oid, mode)| (oid, self.names.get(&oid).cloned().unwrap_or_default(), mode))
+            .collect();
+        v.sort_by_key(|(oid, _, _)| *oid);
         v
     }
 
@@ -514,7 +540,15 @@ mod tests {
     }
 
     fn row(schema: &str, table: &str, column: &str, oid: u32, attnum: i16) -> CatalogRow {
-        CatalogRow { schema: schema.into(), table: table.into(), column: column.into(), table_oid: oid, attnum }
+        let relation = (schema.to_string(), table.to_string());
+        CatalogRow {
+            schema: schema.into(),
+            table: table.into(),
+            column: column.into(),
+            table_oid: oid,
+            attnum,
+            relation,
+        }
     }
 
     #[test]
@@ -524,6 +558,9 @@ mod tests {
         assert!(q.contains("(n.nspname = 'public' AND c.relname = 'users' AND a.attname = 'email')"), "{q}");
         assert!(q.contains(r"(c.relname = 'it''s' AND a.attname = E'a\\b')"), "{q}");
         assert!(q.contains("OR (a.attname = 'password')"), "{q}");
+        // The columns of the same name in the relations that inherit.
+        assert!(q.contains("JOIN pg_catalog.pg_inherits i ON i.inhparent = t.oid"), "{q}");
+        assert!(q.contains("a.attname = t.attname"), "{q}");
         assert!(catalog_query(&[]).is_none());
     }
 
@@ -560,7 +597,11 @@ mod tests {
             ],
         );
         // The seeds: each masked relation with its strictest mode.
-        assert_eq!(cols.masked_relations(), vec![(100, Mode::Hash), (300, Mode::Redact(None))]);
+        let named = |s: &str, t: &str| (s.to_string(), t.to_string());
+        assert_eq!(
+            cols.masked_relations(),
+            vec![(100, named("public", "users"), Mode::Hash), (300, named("public", "cards"), Mode::Redact(None))]
+        );
         let q = dependents_query(&[(100, 0), (300, 1)]);
         assert!(q.contains("VALUES (100::pg_catalog.oid, 0), (300::pg_catalog.oid, 1)"), "{q}");
         assert!(dependents_query(&[]).contains("WHERE false"));

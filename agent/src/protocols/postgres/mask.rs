@@ -34,14 +34,15 @@ use crate::masking::{
 #[derive(Debug, Default)]
 pub struct Columns {
     rules: Vec<ColumnRule>,
-    /// Views that read masked columns, as (schema, name, mode): reading one
-    /// is reading a masked relation.
-    views: Vec<(String, String, Mode)>,
+    /// Relations with masked columns by their own names, as (schema, name,
+    /// mode): partitions and children of a table a rule names, and views
+    /// that read masked columns. Reading one is reading a masked relation.
+    relations: Vec<(String, String, Mode)>,
 }
 
 impl Columns {
-    pub fn new(rules: &[ColumnRule], views: Vec<(String, String, Mode)>) -> Columns {
-        Columns { rules: rules.to_vec(), views }
+    pub fn new(rules: &[ColumnRule], relations: Vec<(String, String, Mode)>) -> Columns {
+        Columns { rules: rules.to_vec(), relations }
     }
 
     fn strictest<'a>(modes: impl Iterator<Item = &'a Mode>) -> Option<Mode> {
@@ -54,7 +55,7 @@ impl Columns {
     }
 
     /// The modes of the rules whose relation part names one of the
-    /// statement's tables, and of the masked views among them.
+    /// statement's tables, and of the other masked relations among them.
     fn on_tables<'a>(&'a self, info: &'a StatementInfo) -> impl Iterator<Item = &'a Mode> + 'a {
         let names = || {
             info.tables.iter().map(|t| {
@@ -67,12 +68,12 @@ impl Columns {
             .iter()
             .filter(move |r| names().any(|(schema, table)| r.schema.matches(schema) && r.table.matches(table)))
             .map(|r| &r.mode);
-        let views = self
-            .views
+        let relations = self
+            .relations
             .iter()
             .filter(move |(vs, vt, _)| names().any(|(schema, table)| vs == schema && vt == table))
             .map(|(_, _, m)| m);
-        rules.chain(views)
+        rules.chain(relations)
     }
 
     /// The mode for computed result fields (table oid 0) of a statement.
@@ -102,48 +103,54 @@ impl Columns {
 }
 
 /// What a session's column rules resolve to: the columns for the response
-/// side, and the masked views for the request side.
+/// side, and for the request side the relations with masked columns by
+/// their own names (partitions and children of a named table, views that
+/// read one).
 pub struct Resolved {
     pub columns: ResolvedColumns,
-    pub views: Vec<(String, String, Mode)>,
+    pub relations: Vec<(String, String, Mode)>,
 }
 
 /// Runs the catalog queries for `rules` on a started upstream session: the
-/// columns the rules name, then the views that read them (masked whole).
+/// columns the rules name (and those columns in partitions and inheritance
+/// children), then the views that read them (masked whole).
 /// Errors name what went wrong (nothing of the data).
 pub async fn resolve<S>(up: &mut FrameReader<S>, rules: &[ColumnRule]) -> Result<Resolved, String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let Some(sql) = catalog_query(rules) else {
-        return Ok(Resolved { columns: ResolvedColumns::default(), views: Vec::new() });
+        return Ok(Resolved { columns: ResolvedColumns::default(), relations: Vec::new() });
     };
     let mut rows = Vec::new();
-    for values in catalog_rows(up, &sql, 5).await? {
+    for values in catalog_rows(up, &sql, 7).await? {
         rows.push(CatalogRow {
             schema: values[0].clone(),
             table: values[1].clone(),
             column: values[2].clone(),
             table_oid: values[3].parse().map_err(|_| "catalog query: bad oid")?,
             attnum: values[4].parse().map_err(|_| "catalog query: bad attnum")?,
+            relation: (values[5].clone(), values[6].clone()),
         });
     }
     let mut columns = ResolvedColumns::resolve(rules, rows);
     let seeds = columns.masked_relations();
     let strictest = Columns::strictest(rules.iter().map(|r| &r.mode)).expect("rules are not empty");
-    let indexed: Vec<(u32, usize)> = seeds.iter().enumerate().map(|(i, (oid, _))| (*oid, i)).collect();
-    let mut views = Vec::new();
+    let indexed: Vec<(u32, usize)> = seeds.iter().enumerate().map(|(i, (oid, _, _))| (*oid, i)).collect();
+    // Partitions and inheritance children are read under their own names.
+    let mut relations: Vec<(String, String, Mode)> =
+        seeds.iter().map(|(_, (schema, name), mode)| (schema.clone(), name.clone(), mode.clone())).collect();
     for values in catalog_rows(up, &dependents_query(&indexed), 4).await? {
         let oid: u32 = values[2].parse().map_err(|_| "catalog query: bad oid")?;
         let src: i64 = values[3].parse().map_err(|_| "catalog query: bad index")?;
         let mode = match usize::try_from(src) {
-            Ok(i) => &seeds.get(i).ok_or("catalog query: bad index")?.1,
+            Ok(i) => &seeds.get(i).ok_or("catalog query: bad index")?.2,
             Err(_) => &strictest,
         };
         columns.mask_relation(oid, mode);
-        views.push((values[0].clone(), values[1].clone(), mode.clone()));
+        relations.push((values[0].clone(), values[1].clone(), mode.clone()));
     }
-    Ok(Resolved { columns, views })
+    Ok(Resolved { columns, relations })
 }
 
 /// Runs one catalog query; its rows as text, each with `width` non-NULL

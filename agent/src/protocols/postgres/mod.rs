@@ -214,7 +214,7 @@ async fn masking(
     let resolved = mask::resolve(up, rules).await?;
     let rows = (masker.scans_text() || !rules.is_empty()).then(|| mask::RowMasker::new(masker, resolved.columns));
     let source = proxy::mask_source(&policy, session);
-    Ok(proxy::Masking { columns: mask::Columns::new(rules, resolved.views), rows, source, policy })
+    Ok(proxy::Masking { columns: mask::Columns::new(rules, resolved.relations), rows, source, policy })
 }
 
 /// Answers SSLRequest (with TLS from the local CA when the target offers it
