@@ -102,7 +102,8 @@ fn fixture() -> Option<Fixture> {
              INSERT INTO events VALUES (1, '{}', 'login'), (120, '{}', 'logout');
              CREATE TABLE people (id int, email text);
              CREATE TABLE people_old (gone date) INHERITS (people);
-             INSERT INTO people_old VALUES (9, '{}', '2020-01-01');",
+             INSERT INTO people_old VALUES (9, '{}', '2020-01-01');
+             ANALYZE users;",
             EMAILS[0], EMAILS[1], EMAILS[2], EMAILS[0], EMAILS[1], EMAILS[2]
         ),
     );
@@ -192,6 +193,15 @@ fn views_over_masked_columns_are_masked_too() {
     assert!(err.contains("42501") && no_email(&out), "{out}\n{err}");
     // A view over unmasked columns only stays readable; the admin role
     // reads the views in clear.
+    // The planner's statistics sample column values (histogram bounds,
+    // most common values).
+    let stats =
+        "SELECT histogram_bounds, most_common_vals FROM pg_stats WHERE tablename = 'users' AND attname = 'email';\n\
+                 SELECT histogram_bounds::text FROM pg_catalog.pg_stats WHERE attname = 'email';\n";
+    let (out, err) = output_text(&psql(&f, "admin", stats));
+    assert!(!no_email(&out), "the admin role sees the statistics: {out}\n{err}");
+    let (out, err) = output_text(&psql(&f, "analyst", stats));
+    assert!(no_email(&out) && no_email(&err), "{out}\n{err}");
     let (out, err) = output_text(&psql(&f, "analyst", "SELECT id FROM note_ids ORDER BY id;\n"));
     assert_eq!(out, "1\n2\n", "{err}");
     let (out, err) = output_text(&psql(&f, "admin", "SELECT contact FROM contacts ORDER BY id;\n"));

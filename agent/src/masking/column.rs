@@ -177,7 +177,8 @@ fn stricten(map: &mut HashMap<u32, Mode>, key: u32, mode: &Mode) {
 ///
 /// `seeds` are the masked relations as (oid, mode index); the result is
 /// (nspname, relname, oid, mode index), the index -1 standing for the
-/// strictest mode of all (a view that calls a function). Dependencies come
+/// strictest mode of all (a view that calls a function, and the planner's
+/// statistics, which sample every column). Dependencies come
 /// from `pg_depend` on the views' ON SELECT rules; built-in functions are
 /// pinned and never listed there, and a view reads through a built-in only
 /// by the names it mentions.
@@ -198,14 +199,23 @@ pub fn dependents_query(seeds: &[(u32, usize)]) -> String {
          dep(oid, src, derived) AS (\
            SELECT oid, src, false FROM seed \
            UNION SELECT rel, -1, true FROM uses WHERE kind = 'pg_catalog.pg_proc'::pg_catalog.regclass \
+           UNION SELECT oid, -1, true FROM pg_catalog.pg_class \
+             WHERE relnamespace = 'pg_catalog'::pg_catalog.regnamespace AND relname IN ({STATISTICS}) \
            UNION SELECT u.rel, dep.src, true FROM dep \
              JOIN uses u ON u.oid = dep.oid AND u.kind = 'pg_catalog.pg_class'::pg_catalog.regclass) \
          SELECT DISTINCT n.nspname, c.relname, c.oid, dep.src FROM dep \
          JOIN pg_catalog.pg_class c ON c.oid = dep.oid \
          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-         WHERE dep.derived AND c.relkind IN ('v', 'm')"
+         WHERE dep.derived",
+        STATISTICS = STATISTICS.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ")
     )
 }
+
+/// The catalogs that hold sample values of every column (most common
+/// values, histogram bounds): masked whole with the strictest mode, with
+/// the views over them.
+const STATISTICS: &[&str] =
+    &["pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic", "pg_statistic_ext_data"];
 
 /// The strictest mode of the rules whose column part matches one of
 /// `names` (column names a query mentions). For computed result fields
@@ -605,6 +615,7 @@ mod tests {
         let q = dependents_query(&[(100, 0), (300, 1)]);
         assert!(q.contains("VALUES (100::pg_catalog.oid, 0), (300::pg_catalog.oid, 1)"), "{q}");
         assert!(dependents_query(&[]).contains("WHERE false"));
+        assert!(q.contains("relname IN ('pg_stats', 'pg_stats_ext', 'pg_stats_ext_exprs', 'pg_statistic', "), "{q}");
         cols.mask_relation(200, &Mode::Partial(4));
         assert_eq!(cols.mode(200, 1), Some(Mode::Partial(4)));
         assert_eq!(cols.mode(200, 7), Some(Mode::Partial(4)), "every column of the view");
