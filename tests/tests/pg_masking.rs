@@ -134,6 +134,8 @@ fn columns_are_masked_for_the_masked_role_and_clear_for_another() {
                   SELECT upper(email), email || '', lower(email) AS x, length(email) FROM users ORDER BY id;\n\
                   SELECT row_to_json(u) FROM users u ORDER BY id;\n\
                   SELECT u.* FROM users u WHERE id = 1;\n\
+                  SELECT u FROM users u ORDER BY id;\n\
+                  SELECT c FROM contacts c;\n\
                   SELECT e FROM (SELECT email AS e FROM users) s ORDER BY 1;\n\
                   WITH t(a, b) AS (SELECT id, email FROM users) SELECT upper(b) FROM t;\n\
                   SELECT id::text || ':' || email FROM users;\n\

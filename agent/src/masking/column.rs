@@ -147,10 +147,17 @@ impl ResolvedColumns {
     }
 
     /// The mode of column `attnum` of relation `table_oid`, if masked.
+    /// Attribute 0 is the whole row (`SELECT u FROM users u`): masked with
+    /// the strictest mode of the relation's masked columns.
     pub fn mode(&self, table_oid: u32, attnum: i16) -> Option<Mode> {
-        match (self.modes.get(&(table_oid, attnum)), self.relations.get(&table_oid)) {
-            (Some(a), Some(b)) => Some(a.clone().stricter(b.clone())),
-            (a, b) => a.or(b).cloned(),
+        let whole_row = || self.modes.iter().filter(|((oid, _), _)| *oid == table_oid).map(|(_, m)| m);
+        let column = match attnum {
+            0 => whole_row().cloned().reduce(Mode::stricter),
+            _ => self.modes.get(&(table_oid, attnum)).cloned(),
+        };
+        match (column, self.relations.get(&table_oid)) {
+            (Some(a), Some(b)) => Some(a.stricter(b.clone())),
+            (a, b) => a.or_else(|| b.cloned()),
         }
     }
 
@@ -590,6 +597,8 @@ mod tests {
         assert_eq!(cols.mode(200, 2), Some(Mode::Hash));
         assert_eq!(cols.mode(100, 5), Some(Mode::Null));
         assert_eq!(cols.mode(100, 2), None);
+        assert_eq!(cols.mode(100, 0), Some(Mode::Null), "the whole row: the strictest of its masked columns");
+        assert_eq!(cols.mode(300, 0), None);
         assert_eq!(strictest_for_names(&r, ["id", "email"]), Some(Mode::Hash));
         assert_eq!(strictest_for_names(&r, ["ssn", "email"]), Some(Mode::Null));
         assert_eq!(strictest_for_names(&r, ["id"]), None);
