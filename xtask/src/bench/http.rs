@@ -16,7 +16,8 @@
 //!
 //! Every figure is the median of several repetitions (the order of the
 //! three paths rotates); ratios are to direct. `BENCH_SECS` (default 5) and
-//! `BENCH_REPS` (default 3) change the length. Everything started is stopped
+//! `BENCH_REPS` (default 3) change the length; `BENCH_CASES` (such as
+//! `http-1KiB,https-1KiB`) measures only the cases named. Everything started is stopped
 //! and the probes and cgroups removed on every way out.
 use std::{
     collections::HashMap,
@@ -138,10 +139,15 @@ impl Bench {
                 .with_context(|| format!("port {port} (tls: {tls}) did not open"))?;
         }
 
+        let cases = std::env::var("BENCH_CASES").unwrap_or_default();
+        let wanted = |tls: bool, size: &str| {
+            let name = format!("{}-{size}", if tls { "https" } else { "http" });
+            cases.is_empty() || cases.split(',').any(|c| c.trim().eq_ignore_ascii_case(&name))
+        };
         let mut results: HashMap<Case, Vec<(f64, f64)>> = HashMap::new();
         for rep in 0..reps {
             for tls in [false, true] {
-                for (size, _) in SIZES {
+                for (size, _) in SIZES.into_iter().filter(|&(size, _)| wanted(tls, size)) {
                     for i in 0..VIAS.len() {
                         let via = VIAS[(rep + i) % VIAS.len()];
                         eprintln!(
@@ -166,7 +172,7 @@ impl Bench {
             "mode", "size", "direct", "p99", "portcullis", "ratio", "p99", "nginx", "ratio", "p99"
         );
         for tls in [false, true] {
-            for (size, _) in SIZES {
+            for (size, _) in SIZES.into_iter().filter(|&(size, _)| wanted(tls, size)) {
                 let get = |via| median_pair(&results[&(tls, size, via)]);
                 let (d, dp) = get(Via::Direct);
                 let (p, pp) = get(Via::Portcullis);
