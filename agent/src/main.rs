@@ -2,6 +2,12 @@ use clap::Parser;
 use portcullis::cli::{dispatch, Cli};
 use tracing_subscriber::EnvFilter;
 
+// Many small, short-lived allocations cross threads (audit records are made
+// on the workers and freed by the writer); mimalloc keeps those off glibc's
+// arena locks.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_env("PORTCULLIS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
