@@ -118,6 +118,8 @@ impl Bench {
     }
 
     fn run(&mut self, secs: u32, reps: usize) -> Result<()> {
+        // Checked before anything is started.
+        let selected = selected_cases(&std::env::var("BENCH_CASES").unwrap_or_default())?;
         let ports = Ports {
             origin: free_port()?,
             origin_tls: free_port()?,
@@ -139,26 +141,19 @@ impl Bench {
                 .with_context(|| format!("port {port} (tls: {tls}) did not open"))?;
         }
 
-        let cases = std::env::var("BENCH_CASES").unwrap_or_default();
-        let wanted = |tls: bool, size: &str| {
-            let name = format!("{}-{size}", if tls { "https" } else { "http" });
-            cases.is_empty() || cases.split(',').any(|c| c.trim().eq_ignore_ascii_case(&name))
-        };
         let mut results: HashMap<Case, Vec<(f64, f64)>> = HashMap::new();
         for rep in 0..reps {
-            for tls in [false, true] {
-                for (size, _) in SIZES.into_iter().filter(|&(size, _)| wanted(tls, size)) {
-                    for i in 0..VIAS.len() {
-                        let via = VIAS[(rep + i) % VIAS.len()];
-                        eprintln!(
-                            "http bench: rep {}/{reps} {} {size} {}",
-                            rep + 1,
-                            if tls { "https" } else { "http" },
-                            via.name()
-                        );
-                        let r = self.wrk(via, tls, size, &ports, secs)?;
-                        results.entry((tls, size, via)).or_default().push(r);
-                    }
+            for &(tls, size) in &selected {
+                for i in 0..VIAS.len() {
+                    let via = VIAS[(rep + i) % VIAS.len()];
+                    eprintln!(
+                        "http bench: rep {}/{reps} {} {size} {}",
+                        rep + 1,
+                        if tls { "https" } else { "http" },
+                        via.name()
+                    );
+                    let r = self.wrk(via, tls, size, &ports, secs)?;
+                    results.entry((tls, size, via)).or_default().push(r);
                 }
             }
         }
@@ -171,26 +166,24 @@ impl Bench {
             "{:<6} {:<5} | {:>9} {:>9} | {:>9} {:>6} {:>9} | {:>9} {:>6} {:>9}",
             "mode", "size", "direct", "p99", "portcullis", "ratio", "p99", "nginx", "ratio", "p99"
         );
-        for tls in [false, true] {
-            for (size, _) in SIZES.into_iter().filter(|&(size, _)| wanted(tls, size)) {
-                let get = |via| median_pair(&results[&(tls, size, via)]);
-                let (d, dp) = get(Via::Direct);
-                let (p, pp) = get(Via::Portcullis);
-                let (n, np) = get(Via::Nginx);
-                println!(
-                    "{:<6} {:<5} | {:>9.0} {:>7.2}ms | {:>10.0} {:>5.2}x {:>7.2}ms | {:>9.0} {:>5.2}x {:>7.2}ms",
-                    if tls { "https" } else { "http" },
-                    size,
-                    d,
-                    dp,
-                    p,
-                    p / d,
-                    pp,
-                    n,
-                    n / d,
-                    np
-                );
-            }
+        for &(tls, size) in &selected {
+            let get = |via| median_pair(&results[&(tls, size, via)]);
+            let (d, dp) = get(Via::Direct);
+            let (p, pp) = get(Via::Portcullis);
+            let (n, np) = get(Via::Nginx);
+            println!(
+                "{:<6} {:<5} | {:>9.0} {:>7.2}ms | {:>10.0} {:>5.2}x {:>7.2}ms | {:>9.0} {:>5.2}x {:>7.2}ms",
+                if tls { "https" } else { "http" },
+                size,
+                d,
+                dp,
+                p,
+                p / d,
+                pp,
+                n,
+                n / d,
+                np
+            );
         }
         Ok(())
     }
@@ -414,6 +407,27 @@ role = "bench"
     }
 }
 
+/// The (TLS, size) cases `BENCH_CASES` names (`http-1KiB,https-1MiB`, any
+/// case), all of them when it is empty; an unknown name is an error rather
+/// than a run that measures nothing.
+fn selected_cases(spec: &str) -> Result<Vec<(bool, &'static str)>> {
+    let all: Vec<(bool, &'static str)> =
+        [false, true].into_iter().flat_map(|tls| SIZES.map(|(size, _)| (tls, size))).collect();
+    let name = |&(tls, size): &(bool, &str)| format!("{}-{size}", if tls { "https" } else { "http" });
+    let wanted: Vec<&str> = spec.split(',').map(str::trim).filter(|c| !c.is_empty()).collect();
+    if wanted.is_empty() {
+        return Ok(all);
+    }
+    for w in &wanted {
+        ensure!(
+            all.iter().any(|c| name(c).eq_ignore_ascii_case(w)),
+            "BENCH_CASES: unknown case `{w}` (known: {})",
+            all.iter().map(name).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(all.into_iter().filter(|c| wanted.iter().any(|w| name(c).eq_ignore_ascii_case(w))).collect())
+}
+
 /// Requests/s and the p99 latency (ms) from wrk's `--latency` report. A
 /// run with non-2xx answers or socket errors is refused: it would not be
 /// measuring the same work.
@@ -492,5 +506,18 @@ impl Drop for Bench {
             remove_tree(&m.join(&self.cgroup_base));
         }
         let _ = fs::remove_dir_all(&self.work);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::selected_cases;
+
+    #[test]
+    fn cases_are_selected_by_name_and_unknown_names_refused() {
+        assert_eq!(selected_cases("").unwrap().len(), 4);
+        assert_eq!(selected_cases(" HTTPS-1kib , http-1MiB").unwrap(), vec![(false, "1MiB"), (true, "1KiB")]);
+        let e = selected_cases("http-1kb").unwrap_err().to_string();
+        assert!(e.contains("unknown case `http-1kb`") && e.contains("https-1MiB"), "{e}");
     }
 }
